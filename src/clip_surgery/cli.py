@@ -1,0 +1,163 @@
+"""Command line: ``clip-surgery explain IMAGE_OR_DIR... --text T [T ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ClipSurgeryError, ImageError
+from .features import similarity_map
+from .images import list_images, open_image
+from .models import DEFAULT_DEPTH, SurgeryModel, load
+from .viz import grid_figure, overlay, save_png
+
+DEFAULT_MODEL = "ViT-B/16"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``clip-surgery`` command."""
+    parser = argparse.ArgumentParser(
+        prog="clip-surgery", description="Show where in an image CLIP sees each text."
+    )
+    parser.add_argument("--version", action="version", version=f"clip-surgery {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    explain = commands.add_parser("explain", help="heatmap overlays of texts on images")
+    explain.add_argument("images", nargs="+", help="image files or directories of images")
+    explain.add_argument("--text", "-t", nargs="+", required=True, help="text queries")
+    add_model_options(explain)
+    explain.add_argument("--size", type=int, default=224, help="input side in pixels (224)")
+    explain.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="surgery depth (6)")
+    explain.add_argument(
+        "--single",
+        action="store_true",
+        help="free-form queries: remove the empty-string redundant feature instead of "
+        "treating the texts as a class set",
+    )
+    explain.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    explain.add_argument("--json", action="store_true", help="print per-text scores as JSON")
+    explain.add_argument("--batch-size", type=int, default=8, help="images per forward (8)")
+    explain.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The model options every command shares."""
+    parser.add_argument(
+        "--model", help=f"open_clip or OpenAI model name (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--pretrained", help="pretrained tag for --model (default: openai)")
+    parser.add_argument("--checkpoint", type=Path, help="local weights file (.pt/.bin/.safetensors)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu)")
+
+
+def model_from_args(args: argparse.Namespace) -> SurgeryModel:
+    """Load the model the shared model options name."""
+    if args.checkpoint is not None:
+        if args.pretrained:
+            raise ClipSurgeryError("give either --pretrained or --checkpoint, not both")
+        if args.model:
+            return load(args.model, str(args.checkpoint), device=args.device)
+        return load(str(args.checkpoint), device=args.device)
+    return load(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a text query."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "text"
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """One output stem per image; repeated stems get a numeric suffix."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        count = seen.get(path.stem, 0) + 1
+        seen[path.stem] = count
+        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
+    return stems
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    """The ``explain`` command."""
+    if args.size <= 0 or args.batch_size <= 0:
+        raise ImageError("--size and --batch-size must be positive")
+    paths = list_images(args.images)
+    for path in paths:  # fail on a bad image before anything is written
+        open_image(path)
+    model = model_from_args(args)
+    texts = list(args.text)
+    text_slugs = [slug(t) for t in texts]
+    if len(set(text_slugs)) != len(text_slugs):
+        text_slugs = [f"{i:02d}-{s}" for i, s in enumerate(text_slugs)]
+    model.encode_text(texts)  # validates texts and fills the cache once
+    records = []
+    started = time.perf_counter()
+    from tqdm import tqdm
+
+    stems = unique_stems(paths)
+    progress = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
+    for begin in range(0, len(paths), args.batch_size):
+        chunk = list(zip(paths[begin : begin + args.batch_size], stems[begin:], strict=False))
+        images = [open_image(path) for path, _ in chunk]
+        result = model.explain(
+            images, texts, size=args.size, depth=args.depth, single=args.single
+        )
+        for index, ((path, stem), image) in enumerate(zip(chunk, images, strict=True)):
+            maps = similarity_map(
+                result.similarity[index : index + 1], (image.height, image.width), result.grid
+            )[0]
+            outputs = {}
+            for text, name, heatmap in zip(texts, text_slugs, maps, strict=True):
+                outputs[text] = str(save_png(overlay(image, heatmap), args.out / f"{stem}_{name}.png"))
+            probs = result.probs[index].tolist()
+            figure = grid_figure(image, maps, texts, probs)
+            grid_path = save_png(figure, args.out / f"{stem}_grid.png")
+            records.append(_record(path, texts, result, index, outputs, grid_path))
+            progress.update(1)
+    progress.close()
+    summary = {
+        "model": model.name,
+        "weights": model.weights_hash,
+        "settings": {"size": args.size, "depth": args.depth, "single": args.single},
+        "seconds": round(time.perf_counter() - started, 3),
+        "images": records,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"wrote overlays for {len(paths)} image(s) x {len(texts)} text(s) to {args.out}")
+    return 0
+
+
+def _record(path, texts, result, index, outputs, grid_path) -> dict:
+    scores = {
+        text: {
+            "cosine": round(float(result.cosine[index, k]), 6),
+            "probability": round(float(result.probs[index, k]), 6),
+        }
+        for k, text in enumerate(texts)
+    }
+    return {"image": str(path), "scores": scores, "overlays": outputs, "grid": str(grid_path)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a command, print bad input as one line, return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return {"explain": run_explain}[args.command](args)
+    except ClipSurgeryError as error:
+        print(f"clip-surgery: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clip-surgery: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

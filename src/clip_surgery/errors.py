@@ -1,0 +1,27 @@
+"""One error type per kind of user mistake; the CLI prints any of them as one line."""
+
+from __future__ import annotations
+
+
+class ClipSurgeryError(Exception):
+    """Base class of every error this library raises on bad input."""
+
+
+class InputFileError(ClipSurgeryError):
+    """A file the user named is missing, unreadable or corrupt."""
+
+
+class ImageError(ClipSurgeryError):
+    """An image cannot be used (unsupported mode, wrong tensor shape or size)."""
+
+
+class ModelError(ClipSurgeryError):
+    """An unknown model name or tag, or an architecture this library cannot run."""
+
+
+class WeightsUnavailableError(ModelError):
+    """Pretrained weights could not be downloaded (offline) and no local file was given."""
+
+
+class TextError(ClipSurgeryError):
+    """A text query is empty, not a string, or too long for the model's context."""

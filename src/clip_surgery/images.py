@@ -1,0 +1,104 @@
+"""Reading images from disk and turning them into CLIP input tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError, InputFileError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Size = int | tuple[int, int]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, with a clear error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InputFileError(f"cannot read image {path}: {error}") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any common PIL mode to 8-bit RGB; transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return _high_depth_to_rgb(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise ImageError(f"unsupported image mode {image.mode!r}: {error}") from error
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit or float grayscale image to 8 bits by its nominal range."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "F" and values.size and values.max() <= 1.0:
+        top = 1.0
+    elif values.size and values.max() > 255:
+        top = 65535.0 if values.max() <= 65535 else float(values.max())
+    else:
+        top = 255.0
+    scaled = np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(scaled, mode="L").convert("RGB")
+
+
+def as_hw(size: Size) -> tuple[int, int]:
+    """Return (height, width) from an int or a pair, checking it is positive."""
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if height <= 0 or width <= 0:
+        raise ImageError(f"image size must be positive, got {size}")
+    return int(height), int(width)
+
+
+def preprocess(
+    image: Image.Image,
+    size: Size = 224,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> torch.Tensor:
+    """Resize the whole image (bicubic, no crop) and normalise: Tensor[3, H, W]."""
+    height, width = as_hw(size)
+    resized = to_rgb(image).resize((width, height), Image.BICUBIC)
+    array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (array - mean_t) / std_t
+
+
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and directories (non-recursive, sorted) into image paths; check they exist."""
+    paths: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputFileError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {item}")
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise InputFileError(f"image not found: {item}")
+    return paths
