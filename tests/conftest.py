@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before huggingface_hub is imported
+
 import numpy as np
 import pytest
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub from the tests
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 EMBED_DIM = 64

@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The model options every command shares."""
-    parser.add_argument(
-        "--model", help=f"open_clip or OpenAI model name (default {DEFAULT_MODEL})"
-    )
+    parser.add_argument("--model", help=f"open_clip or OpenAI model name (default {DEFAULT_MODEL})")
     parser.add_argument("--pretrained", help="pretrained tag for --model (default: openai)")
-    parser.add_argument("--checkpoint", type=Path, help="local weights file (.pt/.bin/.safetensors)")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="local weights file (.pt/.bin/.safetensors)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (cpu)")
 
 
@@ -105,16 +105,16 @@ def run_explain(args: argparse.Namespace) -> int:
     for begin in range(0, len(paths), args.batch_size):
         chunk = list(zip(paths[begin : begin + args.batch_size], stems[begin:], strict=False))
         images = [open_image(path) for path, _ in chunk]
-        result = model.explain(
-            images, texts, size=args.size, depth=args.depth, single=args.single
-        )
+        result = model.explain(images, texts, size=args.size, depth=args.depth, single=args.single)
         for index, ((path, stem), image) in enumerate(zip(chunk, images, strict=True)):
             maps = similarity_map(
                 result.similarity[index : index + 1], (image.height, image.width), result.grid
             )[0]
             outputs = {}
             for text, name, heatmap in zip(texts, text_slugs, maps, strict=True):
-                outputs[text] = str(save_png(overlay(image, heatmap), args.out / f"{stem}_{name}.png"))
+                outputs[text] = str(
+                    save_png(overlay(image, heatmap), args.out / f"{stem}_{name}.png")
+                )
             probs = result.probs[index].tolist()
             figure = grid_figure(image, maps, texts, probs)
             grid_path = save_png(figure, args.out / f"{stem}_grid.png")

@@ -151,9 +151,7 @@ def _vit_tokens(
     if depth > 0:
         original, surgery = x, x
         for index, block in enumerate(blocks[start:], start=start):
-            original, surgery = _dual_block(
-                block, original, surgery, last=index == len(blocks) - 1
-            )
+            original, surgery = _dual_block(block, original, surgery, last=index == len(blocks) - 1)
         x = torch.cat([original[:, :1], surgery[:, 1:]], dim=1)
     return visual.ln_post(x) @ visual.proj, grid
 

@@ -321,12 +321,17 @@ def _load_pretrained(name, tag, device, quick_gelu) -> SurgeryModel:
     try:
         with _quiet_logging():
             model = open_clip.create_model(
-                name, pretrained=tag, force_quick_gelu=quick_gelu, device=device,
+                name,
+                pretrained=tag,
+                force_quick_gelu=quick_gelu,
+                device=device,
                 require_pretrained=True,
             )
     except Exception as error:  # open_clip/huggingface_hub raise many types when offline
         raise WeightsUnavailableError(_offline_message(name, tag, config)) from error
-    return SurgeryModel(model.eval(), open_clip.get_tokenizer(name), name=f"{name}/{tag}", source=tag)
+    return SurgeryModel(
+        model.eval(), open_clip.get_tokenizer(name), name=f"{name}/{tag}", source=tag
+    )
 
 
 @contextmanager
@@ -418,7 +423,15 @@ def _is_half(state_dict: dict[str, torch.Tensor]) -> bool:
 
 
 def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], context: str) -> None:
-    result = model.load_state_dict(state_dict, strict=False)
+    # A traced (TorchScript) model also stores buffers the module keeps out of its state dict.
+    persistent = model.state_dict().keys()
+    transient = {name for name, _ in model.named_buffers()} - set(persistent)
+    state_dict = {k: v for k, v in state_dict.items() if k not in transient}
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        detail = " ".join(str(error).split())[:200]
+        raise ModelError(f"{context}: {detail}") from None
     if result.missing_keys or result.unexpected_keys:
         missing = ", ".join(result.missing_keys[:3])
         unexpected = ", ".join(result.unexpected_keys[:3])
@@ -426,8 +439,13 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], context: s
 
 
 def _count(state_dict, prefix: str, suffix: str) -> int:
-    return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)
-                and k.endswith(suffix)})
+    return len(
+        {
+            k[len(prefix) :].split(".")[0]
+            for k in state_dict
+            if k.startswith(prefix) and k.endswith(suffix)
+        }
+    )
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:

@@ -1,0 +1,150 @@
+"""The command line, end to end on a random-weight checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import photo
+from PIL import Image
+
+from clip_surgery.cli import main, slug, unique_stems
+from clip_surgery.viz import overlay
+
+
+@pytest.fixture()
+def images(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo((80, 60), seed=1).save(folder / "one.png")
+    photo((50, 70), seed=2).save(folder / "two.jpg")
+    return folder
+
+
+def test_explain_writes_overlays_grid_and_json(tmp_path, images, vit_checkpoint, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "explain",
+            str(images),
+            "--text",
+            "cat",
+            "blue sky",
+            "--checkpoint",
+            vit_checkpoint,
+            "--out",
+            str(out),
+            "--json",
+            "--no-progress",
+            "--batch-size",
+            "1",
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in report["images"]] == [
+        str(images / "one.png"),
+        str(images / "two.jpg"),
+    ]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "one_blue-sky.png",
+        "one_cat.png",
+        "one_grid.png",
+        "two_blue-sky.png",
+        "two_cat.png",
+        "two_grid.png",
+    ]
+    assert Image.open(out / "one_cat.png").size == (80, 60)
+    assert Image.open(out / "two_cat.png").size == (50, 70)
+    probabilities = [s["probability"] for s in report["images"][0]["scores"].values()]
+    assert abs(sum(probabilities) - 1) < 1e-4
+    assert report["settings"] == {"size": 224, "depth": 6, "single": False}
+
+
+def test_explain_overlay_matches_api(tmp_path, images, vit_checkpoint):
+    import clip_surgery
+
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "explain",
+                str(images / "one.png"),
+                "-t",
+                "cat",
+                "--single",
+                "--checkpoint",
+                vit_checkpoint,
+                "--out",
+                str(out),
+                "--no-progress",
+                "--size",
+                "448",
+            ]
+        )
+        == 0
+    )
+    model = clip_surgery.load(vit_checkpoint)
+    image = Image.open(images / "one.png").convert("RGB")
+    result = model.explain(image, ["cat"], size=448, single=True, output_size=(60, 80))
+    expected = np.asarray(overlay(image, result.maps[0, 0]), dtype=np.int16)
+    written = np.asarray(Image.open(out / "one_cat.png"), dtype=np.int16)
+    assert np.abs(written - expected).max() <= 1
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "clip_surgery.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clip-surgery: error:"), result.stderr
+    assert fragment in lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path, images, vit_checkpoint):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff" + b"junk" * 50)
+    out = tmp_path / "never"
+    cases = [
+        (["explain", str(tmp_path / "missing.png"), "-t", "x"], "image not found"),
+        (
+            ["explain", str(corrupt), "-t", "x", "--checkpoint", vit_checkpoint, "--out", str(out)],
+            "cannot read image",
+        ),
+        (["explain", str(images), "-t", "x", "--model", "ViT-Q-99"], "unknown model"),
+        (
+            ["explain", str(images), "-t", "", "--checkpoint", vit_checkpoint, "--out", str(out)],
+            "empty text",
+        ),
+        (["explain", str(images), "-t", "w " * 90, "--checkpoint", vit_checkpoint], "too long"),
+        (
+            ["explain", str(images), "-t", "x", "--checkpoint", str(tmp_path / "no.pt")],
+            "checkpoint not found",
+        ),
+        (["explain", str(images), "-t", "x"], "--checkpoint ViT-B-16.pt"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(run_cli(*args), fragment)
+    assert not out.exists()  # nothing half-written
+
+
+def test_helpers():
+    assert slug("A photo: of a DOG!") == "a-photo-of-a-dog"
+    assert slug("???") == "text"
+    from pathlib import Path
+
+    assert unique_stems([Path("a/x.png"), Path("b/x.jpg"), Path("y.png")]) == ["x", "x-2", "y"]
