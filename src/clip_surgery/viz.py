@@ -56,9 +56,12 @@ def grid_figure(
 ) -> plt.Figure:
     """A figure: the image, then one overlay per text titled with the text (and score)."""
     panels = len(texts) + 1
-    columns = min(columns, panels)
+    columns = panels if panels <= columns + 1 else columns
     rows = math.ceil(panels / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    panel_height = 3.2 * image.height / image.width + 0.4  # room for the title
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns, panel_height * rows), squeeze=False
+    )
     for axis in axes.flat:
         axis.axis("off")
     axes.flat[0].imshow(image)
