@@ -53,3 +53,11 @@ def test_explain_bad_inputs(model):
         model.explain(photo(), [])
     with pytest.raises(ImageError, match="no images"):
         model.explain([], ["cat"])
+
+
+def test_mixed_tensor_shapes_in_one_batch(model):
+    tensors = [model.preprocess(photo(), 224), model.preprocess(photo(), 256)]
+    with pytest.raises(ImageError, match="share a shape"):
+        model.explain(tensors, ["cat"])
+    mixed = [photo((30, 40)), model.preprocess(photo(), 224)]
+    assert model.explain(mixed, ["cat"]).maps.shape == (2, 1, 224, 224)

@@ -183,3 +183,22 @@ def test_unknown_model_and_tag():
 def test_offline_without_weights_names_the_file(name, filename):
     with pytest.raises(WeightsUnavailableError, match=f"--checkpoint {filename}"):
         clip_surgery.load(name)
+
+
+@pytest.mark.parametrize(
+    "name, tag, quick",
+    [("ViT-B/16", None, True), ("RN50", "openai", True), ("ViT-B-16", "laion2b_s34b_b88k", False)],
+)
+def test_pretrained_tags_choose_the_activation(monkeypatch, vit, name, tag, quick):
+    calls = []
+
+    def fake_create_model(model_name, **kwargs):
+        calls.append((model_name, kwargs))
+        return vit
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    loaded = clip_surgery.load(name, tag)
+    model_name, kwargs = calls[0]
+    assert model_name == name.replace("/", "-")
+    assert kwargs["pretrained"] == (tag or "openai") and kwargs["force_quick_gelu"] is quick
+    assert loaded.name == f"{model_name}/{tag or 'openai'}"

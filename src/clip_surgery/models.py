@@ -123,7 +123,10 @@ class SurgeryModel:
                 images = [images]
             if not images:
                 raise ImageError("no images given")
-            batch = torch.stack([self._one_image(image, size) for image in images])
+            tensors = [self._one_image(image, size) for image in images]
+            if len({tuple(t.shape) for t in tensors}) > 1:
+                raise ImageError("tensors in one batch must share a shape; pass size= instead")
+            batch = torch.stack(tensors)
         if batch.dim() == 3:
             batch = batch.unsqueeze(0)
         if batch.dim() != 4 or batch.shape[1] != 3:
