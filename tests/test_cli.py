@@ -63,7 +63,17 @@ def test_explain_writes_overlays_grid_and_json(tmp_path, images, vit_checkpoint,
     assert Image.open(out / "two_cat.png").size == (50, 70)
     probabilities = [s["probability"] for s in report["images"][0]["scores"].values()]
     assert abs(sum(probabilities) - 1) < 1e-4
-    assert report["settings"] == {"size": 224, "depth": 6, "single": False}
+    assert report["method"] == "clip_surgery"
+    assert report["settings"] == {
+        "size": 224,
+        "single": False,
+        "depth": 6,
+        "attention": "vv",
+        "ffn": False,
+        "feature_surgery": "auto",
+        "weighting": "cls",
+        "positions": "bilinear",
+    }
 
 
 def test_explain_overlay_matches_api(tmp_path, images, vit_checkpoint):

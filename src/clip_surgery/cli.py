@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -14,7 +15,9 @@ from . import __version__
 from .errors import ClipSurgeryError, ImageError
 from .features import similarity_map
 from .images import list_images, open_image
-from .models import DEFAULT_DEPTH, SurgeryModel, load
+from .methods import DEFAULT_METHOD, METHODS, OptionError
+from .methods import get as get_method
+from .models import SurgeryModel, load
 from .viz import grid_figure, overlay, save_png
 
 DEFAULT_MODEL = "ViT-B/16"
@@ -31,8 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("images", nargs="+", help="image files or directories of images")
     explain.add_argument("--text", "-t", nargs="+", required=True, help="text queries")
     add_model_options(explain)
+    explain.add_argument("--method", default=DEFAULT_METHOD, help="see `clip-surgery methods`")
+    explain.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, repeatable (e.g. --option depth=4)",
+    )
     explain.add_argument("--size", type=int, default=224, help="input side in pixels (224)")
-    explain.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="surgery depth (6)")
+    explain.add_argument(
+        "--depth", type=int, help="CLIP Surgery's depth (same as --option depth=N)"
+    )
     explain.add_argument(
         "--single",
         action="store_true",
@@ -43,7 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print per-text scores as JSON")
     explain.add_argument("--batch-size", type=int, default=8, help="images per forward (8)")
     explain.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    listing = commands.add_parser("methods", help="list the explanation methods")
+    listing.add_argument("--json", action="store_true", help="print the listing as JSON")
     return parser
+
+
+def parse_option_pairs(pairs: Sequence[str], depth: int | None) -> dict[str, str]:
+    """``["depth=4", ...]`` (and ``--depth``) as a dict; values stay strings until typed."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key.strip():
+            raise OptionError(f"--option takes KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value.strip()
+    if depth is not None:
+        options["depth"] = str(depth)
+    return options
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    """The ``methods`` command: name, one line, backbones, options, citation."""
+    listing = [method.describe() for method in METHODS.values()]
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for item in listing:
+        options = ", ".join(f"{k}={v}" for k, v in item["options"].items()) or "no options"
+        print(f"{item['name']:<13} {item['summary']}")
+        print(f"{'':<13} backbones: {', '.join(item['backbones'])}; options: {options}")
+        print(f"{'':<13} {item['citation']}")
+    return 0
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +132,8 @@ def run_explain(args: argparse.Namespace) -> int:
     paths = list_images(args.images)
     for path in paths:  # fail on a bad image before anything is written
         open_image(path)
+    options = parse_option_pairs(args.option, args.depth)
+    parsed = get_method(args.method).options(**options)  # unknown method/option: fail early
     model = model_from_args(args)
     texts = list(args.text)
     text_slugs = [slug(t) for t in texts]
@@ -105,7 +149,9 @@ def run_explain(args: argparse.Namespace) -> int:
     for begin in range(0, len(paths), args.batch_size):
         chunk = list(zip(paths[begin : begin + args.batch_size], stems[begin:], strict=False))
         images = [open_image(path) for path, _ in chunk]
-        result = model.explain(images, texts, size=args.size, depth=args.depth, single=args.single)
+        result = model.explain(
+            images, texts, method=args.method, size=args.size, single=args.single, **options
+        )
         for index, ((path, stem), image) in enumerate(zip(chunk, images, strict=True)):
             maps = similarity_map(
                 result.similarity[index : index + 1], (image.height, image.width), result.grid
@@ -124,7 +170,8 @@ def run_explain(args: argparse.Namespace) -> int:
     summary = {
         "model": model.name,
         "weights": model.weights_hash,
-        "settings": {"size": args.size, "depth": args.depth, "single": args.single},
+        "method": args.method,
+        "settings": {"size": args.size, "single": args.single, **dataclasses.asdict(parsed)},
         "seconds": round(time.perf_counter() - started, 3),
         "images": records,
     }
@@ -150,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a command, print bad input as one line, return the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"explain": run_explain}[args.command](args)
+        return {"explain": run_explain, "methods": run_methods}[args.command](args)
     except ClipSurgeryError as error:
         print(f"clip-surgery: error: {error}", file=sys.stderr)
         return 2

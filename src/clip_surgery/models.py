@@ -19,9 +19,9 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torch import nn
 
-from . import engine
+from . import engine, methods
 from .errors import ImageError, InputFileError, ModelError, WeightsUnavailableError
-from .features import feature_surgery, similarity_map
+from .features import similarity_map
 from .images import OPENAI_MEAN, OPENAI_STD, Size, open_image
 from .images import preprocess as preprocess_image
 from .text import check_templates, check_texts, default_templates, prompts_for, tokenize
@@ -52,10 +52,13 @@ class Explanation:
 
     texts: list[str]
     maps: torch.Tensor  # [B, T, H, W] in [0, 1]
-    similarity: torch.Tensor  # [B, N, T] patch similarities after feature surgery
+    similarity: torch.Tensor  # [B, N, T] what the maps are made from (e.g. after feature surgery)
+    logits: torch.Tensor  # [B, N, T] dense per-token scores for segmentation (argmax over T)
     grid: tuple[int, int]  # (h, w) patch grid, h * w = N
-    cosine: torch.Tensor  # [B, T] cosine of CLIP's image embedding with each text
+    cosine: torch.Tensor  # [B, T] cosine of the method's CLS token with each text
     probs: torch.Tensor  # [B, T] softmax(logit_scale * cosine) over the texts
+    method: str = "clip_surgery"
+    options: object = None  # the method's typed options
 
 
 class SurgeryModel:
@@ -141,13 +144,25 @@ class SurgeryModel:
         return self.preprocess(image, size)
 
     def encode_image(
-        self, images: torch.Tensor, surgery: bool = True, *, depth: int = DEFAULT_DEPTH
+        self,
+        images: torch.Tensor,
+        surgery: bool = True,
+        *,
+        depth: int = DEFAULT_DEPTH,
+        method: str | None = None,
+        **options,
     ) -> torch.Tensor:
         """Projected tokens ``[B, 1+N, D]``, CLS first, not normalized.
 
         ``surgery=True``: CLIP Surgery's dual path (CLS from the original path).
         ``surgery=False``: the plain model; its CLS equals open_clip's ``encode_image``.
+        ``method=NAME`` (with that method's options): the tokens that method's maps come from.
         """
+        if method is not None:
+            chosen = methods.get(method)
+            return chosen.encode(self, self.as_batch(images), chosen.options(**options))[0].float()
+        if options:
+            raise methods.OptionError(f"options {sorted(options)} need method=NAME")
         return self.encode_image_with_grid(images, depth if surgery else 0)[0]
 
     def encode_image_with_grid(
@@ -155,7 +170,7 @@ class SurgeryModel:
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Like ``encode_image`` (``depth`` 0 = plain), also returning the token grid ``(h, w)``."""
         batch = self.as_batch(images)
-        with self._inference():
+        with self.inference():
             tokens, grid = engine.encode_tokens(self.clip.visual, batch, depth)
         return tokens.float(), grid
 
@@ -190,7 +205,7 @@ class SurgeryModel:
         return torch.stack([self._text_cache[(templates, t)] for t in texts])
 
     def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        with self._inference():
+        with self.inference():
             return self.clip.encode_text(tokens.to(self.device)).float()
 
     # ------------------------------------------------------------ explanations
@@ -200,35 +215,47 @@ class SurgeryModel:
         images: ImageInput | Sequence[ImageInput],
         texts: Sequence[str] | str,
         *,
+        method: str = "clip_surgery",
         size: Size = 224,
-        depth: int = DEFAULT_DEPTH,
         single: bool = False,
         output_size: Size | None = None,
-        weighting: str = "cls",
         templates: Sequence[str] | None = DEFAULT_TEMPLATES,
+        **options,
     ) -> Explanation:
-        """Where each text is in each image: CLIP Surgery maps ``[B, T, H, W]`` in [0, 1].
+        """Where each text is in each image: maps ``[B, T, H, W]`` in [0, 1].
 
-        ``single=True`` removes the empty-string redundant feature (free-form queries);
-        otherwise the texts are a class set (feature surgery across the texts).
-        Maps have the preprocessed input's size unless ``output_size`` is given.
+        ``method``: any name in ``clip_surgery.methods`` (default CLIP Surgery), with that
+        method's ``options`` (e.g. ``depth=6``). ``single=True`` treats the texts as free-form
+        queries (CLIP Surgery removes the empty string's redundant feature); otherwise they are
+        a class set. Maps have the preprocessed input's size unless ``output_size`` is given.
         """
+        chosen = methods.get(method)
+        parsed = chosen.options(**options)
         texts = check_texts(texts)
         batch = self.as_batch(images, size)
-        tokens, grid = self.encode_image_with_grid(batch, depth)
-        tokens = F.normalize(tokens, dim=-1)
         text = self.encode_text(texts, templates)
         redundant = self.redundant_feature(templates) if single else None
-        similarity = feature_surgery(tokens, text, redundant, weighting=weighting)[:, 1:]
-        maps = similarity_map(similarity, output_size or tuple(batch.shape[-2:]), grid)
-        cosine = tokens[:, 0] @ text.T
-        probs = (self.logit_scale * cosine).softmax(dim=-1)
-        return Explanation(texts, maps, similarity, grid, cosine, probs)
+        scores = chosen.scores(self, batch, text, parsed, redundant)
+        maps = similarity_map(
+            scores.similarity, output_size or tuple(batch.shape[-2:]), scores.grid
+        )
+        probs = (self.logit_scale * scores.cosine).softmax(dim=-1)
+        return Explanation(
+            texts,
+            maps,
+            scores.similarity,
+            scores.logits,
+            scores.grid,
+            scores.cosine,
+            probs,
+            method,
+            parsed,
+        )
 
     @contextmanager
-    def _inference(self) -> Iterator[None]:
-        """No grad, eval semantics (flags restored after), autocast on CUDA."""
-        with _eval_mode(self.clip), torch.no_grad():
+    def inference(self, grad: bool = False) -> Iterator[None]:
+        """Eval semantics (flags restored after), no grad unless ``grad``, autocast on CUDA."""
+        with _eval_mode(self.clip), torch.set_grad_enabled(grad):
             if self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
                     yield
