@@ -148,7 +148,7 @@ class SurgeryModel:
         images: torch.Tensor,
         surgery: bool = True,
         *,
-        depth: int = DEFAULT_DEPTH,
+        depth: int | None = None,
         method: str | None = None,
         **options,
     ) -> torch.Tensor:
@@ -160,9 +160,12 @@ class SurgeryModel:
         """
         if method is not None:
             chosen = methods.get(method)
+            if depth is not None:
+                options["depth"] = depth
             return chosen.encode(self, self.as_batch(images), chosen.options(**options))[0].float()
         if options:
             raise methods.OptionError(f"options {sorted(options)} need method=NAME")
+        depth = DEFAULT_DEPTH if depth is None else depth
         return self.encode_image_with_grid(images, depth if surgery else 0)[0]
 
     def encode_image_with_grid(
