@@ -158,3 +158,50 @@ def test_helpers():
     from pathlib import Path
 
     assert unique_stems([Path("a/x.png"), Path("b/x.jpg"), Path("y.png")]) == ["x", "x-2", "y"]
+
+
+def test_methods_listing(capsys):
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for name in (
+        "raw",
+        "clip_surgery",
+        "maskclip",
+        "sclip",
+        "clearclip",
+        "naclip",
+        "gem",
+        "gradcam",
+        "chefer",
+    ):
+        assert f"\n{name} " in f"\n{text}"
+    assert "arXiv 2304.05653" in text and "backbones: vit, resnet" in text
+    assert main(["methods", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert {item["name"] for item in listing} >= {"gem", "chefer"}
+    assert next(i for i in listing if i["name"] == "naclip")["options"]["gaussian_std"] == 5.0
+
+
+def test_option_errors_are_one_line(tmp_path, images, vit_checkpoint):
+    cases = [
+        (
+            [
+                "explain",
+                str(images),
+                "-t",
+                "x",
+                "--method",
+                "sclip",
+                "--option",
+                "depth=2",
+                "--checkpoint",
+                vit_checkpoint,
+            ],
+            "unknown option",
+        ),
+        (["explain", str(images), "-t", "x", "--option", "depth"], "KEY=VALUE"),
+        (["explain", str(images), "-t", "x", "--method", "lime"], "unknown method"),
+        (["explain", str(images), "-t", "x", "--option", "attention=zz"], "must be one of"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(run_cli(*args), fragment)

@@ -55,32 +55,31 @@ def test_every_supported_method_through_the_cli(request, tmp_path, monkeypatch, 
     image = tmp_path / "img.png"
     photo((120, 90)).save(image)
     backbone = "vit" if model.is_vit else "resnet"
+    sizes = ["224", "448"] if model.is_vit else ["224"]
     for name in methods.names():
         if backbone not in methods.get(name).backbones:
             continue
-        out = tmp_path / name
-        argv = [
-            "explain",
-            str(image),
-            "-t",
-            *TEXTS,
-            "--method",
-            name,
-            "--out",
-            str(out),
-            "--json",
-            "--no-progress",
-            "--size",
-            "448" if model.is_vit else "224",
-        ]
-        assert cli.main(argv) == 0, name
-        report = json.loads(capsys.readouterr().out)
-        assert report["method"] == name
-        assert sorted(p.name for p in out.iterdir()) == [
-            "img_a-cat.png",
-            "img_grid.png",
-            "img_the-sky.png",
-        ]
+        for size in sizes:
+            out = tmp_path / f"{name}-{size}"
+            argv = [
+                "explain",
+                str(image),
+                "-t",
+                *TEXTS,
+                "--method",
+                name,
+                "--out",
+                str(out),
+                "--json",
+                "--no-progress",
+                "--size",
+                size,
+            ]
+            assert cli.main(argv) == 0, name
+            report = json.loads(capsys.readouterr().out)
+            assert report["method"] == name and report["settings"]["size"] == int(size)
+            names = sorted(p.name for p in out.iterdir())
+            assert names == ["img_a-cat.png", "img_grid.png", "img_the-sky.png"]
 
 
 def test_real_checkpoint_through_cli_subprocess(tmp_path, vit_b16):

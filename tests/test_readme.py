@@ -15,16 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_python_example_runs(monkeypatch):
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
     tiny = clip_surgery.wrap(make_vit(41))
     monkeypatch.setattr(clip_surgery, "load", lambda *args, **kwargs: tiny)
     monkeypatch.chdir(ROOT)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     image = namespace["image"]
-    assert namespace["result"].maps.shape == (1, 3, image.height, image.width)
+    assert namespace["result"].maps.shape == (1, 2, 224, 224)  # the methods example's
     assert namespace["maps"].shape == (1, 2, image.height, image.width)
     assert namespace["free"].maps.shape == (1, 1, 224, 224)
+    assert namespace["result"].method == "naclip"  # the methods example ran too
+    assert namespace["tokens"].shape == (1, 197, 64)
 
 
 def test_readme_commands_match_ci():
