@@ -304,25 +304,33 @@ def resnet_features(visual: ModifiedResNet, images: torch.Tensor) -> torch.Tenso
     return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
 
 
-def resnet_pool(visual: ModifiedResNet, features: torch.Tensor, surgery: bool) -> torch.Tensor:
-    """Attention-pool every token of ``features``: ``[B, 1+N, D]``.
-
-    Plain: the model's q-k attention pool with each token as a query (its CLS is CLIP's image
-    embedding). Surgery: v-v attention for the spatial tokens, the plain pool's CLS.
-    """
+def _pool_tokens(visual: ModifiedResNet, features: torch.Tensor) -> torch.Tensor:
+    """``[mean, spatial...] + positions`` (table interpolated bilinearly, never written back)."""
     pool = visual.attnpool
     _, _, grid_h, grid_w = features.shape
     tokens = features.flatten(2).transpose(1, 2)
     tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
     side = round((pool.positional_embedding.shape[0] - 1) ** 0.5)
     positions = interpolate_positions(pool.positional_embedding, (side, side), (grid_h, grid_w))
-    tokens = tokens + positions.to(tokens.dtype)
+    return tokens + positions.to(tokens.dtype)
+
+
+def resnet_pool(
+    visual: ModifiedResNet, features: torch.Tensor, surgery: bool, cls_only: bool = False
+) -> torch.Tensor:
+    """Attention-pool the tokens of ``features``: ``[B, 1+N, D]`` (``[B, 1, D]`` if cls_only).
+
+    Plain: the model's q-k attention pool with each token as a query (its CLS is CLIP's image
+    embedding). Surgery: v-v attention for the spatial tokens, the plain pool's CLS.
+    """
+    pool = visual.attnpool
+    tokens = _pool_tokens(visual, features)
     heads = pool.num_heads
     v = split_heads(pool.v_proj(tokens), heads)
     k = split_heads(pool.k_proj(tokens), heads)
-    q = split_heads(pool.q_proj(tokens[:, :1] if surgery else tokens), heads)
+    q = split_heads(pool.q_proj(tokens[:, :1] if surgery or cls_only else tokens), heads)
     plain = pool.c_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-    if not surgery:
+    if not surgery or cls_only:
         return plain
     value_value = pool.c_proj(merge_heads(F.scaled_dot_product_attention(v, v, v)))
     return torch.cat([plain, value_value[:, 1:]], dim=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -113,7 +114,7 @@ def _convert(name: str, value: Any, hint, method: str):
         if value not in args:
             raise OptionError(f"option {name} of {method!r} must be one of {args}, got {value!r}")
         return value
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() == "none"):
             return None
         hint = next(arg for arg in args if arg is not type(None))

@@ -75,5 +75,5 @@ class GradCam(Method):
     @staticmethod
     def _resnet(visual, images):
         features = engine.resnet_features(visual, images).detach().requires_grad_(True)
-        embedding = engine.resnet_pool(visual, features, surgery=True)[:, 0]
+        embedding = engine.resnet_pool(visual, features, surgery=False, cls_only=True)[:, 0]
         return features, embedding, tuple(features.shape[-2:])

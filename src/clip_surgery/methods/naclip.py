@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .. import engine
-from .base import Method
+from .base import Method, OptionError
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,6 @@ class Naclip(Method):
     def policy(self, options: NaclipOptions) -> engine.Policy:
         """Neighbourhood-aware k-k attention in the last block."""
         if options.gaussian_std <= 0:
-            from .base import OptionError
-
             raise OptionError("option gaussian_std of 'naclip' must be positive")
         return engine.Policy(
             kind="replace",
