@@ -7,6 +7,7 @@ Pre-training", Pattern Recognition 2025, arXiv 2304.05653) on open_clip models.
 from . import methods
 from .errors import (
     ClipSurgeryError,
+    DatasetError,
     ImageError,
     InputFileError,
     ModelError,
@@ -32,6 +33,7 @@ def explain(model: SurgeryModel, images, texts, method: str = "clip_surgery", **
 __all__ = [
     "DEFAULT_TEMPLATES",
     "ClipSurgeryError",
+    "DatasetError",
     "Explanation",
     "ImageError",
     "InputFileError",

@@ -56,9 +56,87 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print per-text scores as JSON")
     explain.add_argument("--batch-size", type=int, default=8, help="images per forward (8)")
     explain.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_eval_parsers(commands)
     listing = commands.add_parser("methods", help="list the explanation methods")
     listing.add_argument("--json", action="store_true", help="print the listing as JSON")
     return parser
+
+
+def add_eval_parsers(commands) -> None:
+    """The ``eval`` and ``score`` commands."""
+    evaluate = commands.add_parser("eval", help="evaluate a method on a dataset")
+    evaluate.add_argument("--dataset", required=True, help="e.g. voc21, coco_stuff, voc2007")
+    evaluate.add_argument("--root", required=True, type=Path, help="the dataset root")
+    evaluate.add_argument("--method", default=DEFAULT_METHOD)
+    evaluate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--preset", help="segmentation preset (default: the method's own)")
+    evaluate.add_argument(
+        "--task",
+        choices=["segmentation", "explainability", "multilabel"],
+        help="default: segmentation, or multilabel for multi-label datasets",
+    )
+    evaluate.add_argument("--size", type=int, default=224, help="explainability/multilabel size")
+    evaluate.add_argument("--single", action="store_true", help="explainability: free-form mode")
+    evaluate.add_argument("--limit", type=int, help="only the first N images")
+    evaluate.add_argument("--save-pred", type=Path, help="write label PNGs here")
+    evaluate.add_argument("--out", type=Path, default=Path("results"), help="results directory")
+    evaluate.add_argument("--no-progress", action="store_true")
+    add_model_options(evaluate)
+    score = commands.add_parser("score", help="score saved prediction PNGs")
+    score.add_argument("--dataset", required=True)
+    score.add_argument("--root", required=True, type=Path)
+    score.add_argument("--pred", required=True, type=Path, help="directory of <image id>.png")
+    score.add_argument("--out", type=Path, help="also write JSON and Markdown here")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """The ``eval`` command; the last line printed is the headline metric."""
+    from .eval import runner
+
+    if args.limit is not None and args.limit <= 0:
+        raise OptionError("--limit must be positive")
+    options = get_method(args.method).options(**parse_option_pairs(args.option, None))
+    task = args.task or ("multilabel" if runner.is_multilabel(args.dataset) else "segmentation")
+    if runner.is_multilabel(args.dataset) != (task == "multilabel"):
+        raise OptionError(f"--task {task} does not apply to dataset {args.dataset}")
+    if task == "segmentation":
+        runner.segmentation_dataset(args.dataset).samples(args.root)  # layout errors first
+    model = model_from_args(args)
+    common = dict(
+        method=args.method,
+        options=options,
+        limit=args.limit,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    if task == "segmentation":
+        results = runner.evaluate_segmentation(
+            model, args.dataset, args.root, preset=args.preset, save_pred=args.save_pred, **common
+        )
+        print(f"aAcc: {results['aacc']:.2f}")
+        print(f"mIoU: {results['miou']:.2f}")
+    elif task == "explainability":
+        results = runner.evaluate_explainability(
+            model, args.dataset, args.root, size=args.size, single=args.single, **common
+        )
+        print(f"mSC: {results['msc']:.2f}")
+        print(f"mIoU: {results['miou']:.2f}")
+    else:
+        results = runner.evaluate_multilabel(
+            model, args.dataset, args.root, size=args.size, **common
+        )
+        print(f"mAP: {results['map']:.2f}")
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """The ``score`` command: the same metric code on any tool's predictions."""
+    from .eval import runner
+
+    results = runner.score_predictions(args.dataset, args.root, args.pred, args.out)
+    print(f"aAcc: {results['aacc']:.2f}")
+    print(f"mIoU: {results['miou']:.2f}")
+    return 0
 
 
 def parse_option_pairs(pairs: Sequence[str], depth: int | None) -> dict[str, str]:
@@ -197,7 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a command, print bad input as one line, return the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return {"explain": run_explain, "methods": run_methods}[args.command](args)
+        commands = {
+            "explain": run_explain,
+            "methods": run_methods,
+            "eval": run_eval,
+            "score": run_score,
+        }
+        return commands[args.command](args)
     except ClipSurgeryError as error:
         print(f"clip-surgery: error: {error}", file=sys.stderr)
         return 2

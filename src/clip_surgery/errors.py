@@ -25,3 +25,7 @@ class WeightsUnavailableError(ModelError):
 
 class TextError(ClipSurgeryError):
     """A text query is empty, not a string, or too long for the model's context."""
+
+
+class DatasetError(ClipSurgeryError):
+    """A dataset root does not have the expected layout, or a label file is unusable."""

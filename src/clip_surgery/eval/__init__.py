@@ -1,0 +1,1 @@
+"""Evaluation: dataset readers, presets, metrics and the runner behind ``clip-surgery eval``."""

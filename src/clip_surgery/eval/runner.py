@@ -1,0 +1,295 @@
+"""Evaluation runs: segmentation mIoU, explainability mIoU/mSC, multi-label mAP, and scoring.
+
+Every result carries the method, model, weights hash, preset and all settings, the number of
+images and the wall time, and is written as JSON and as a Markdown table row. An interrupted
+segmentation run resumes from its state file when started again with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .. import methods
+from ..errors import DatasetError
+from ..features import similarity_map
+from ..images import open_image
+from ..models import DEFAULT_TEMPLATES
+from ..tasks.segment import ClassQueries, segment
+from .datasets import IGNORE, MULTILABEL, multilabel_dataset, segmentation_dataset
+from .metrics import ConfusionMatrix, ExplainabilityMeter, mean_average_precision
+from .presets import PRESETS, preset_for
+
+
+def default_preset(method: str) -> str:
+    """A method's own preset when it has one, else SCLIP's convention."""
+    return method if method in PRESETS else "sclip"
+
+
+def _progress(items, enabled: bool, description: str):
+    return tqdm(items, disable=not enabled, file=sys.stderr, unit="img", desc=description)
+
+
+def _header(model, dataset: str, method: str, options) -> dict:
+    return {
+        "dataset": dataset,
+        "method": method,
+        "options": asdict(options),
+        "model": model.name,
+        "weights": model.weights_hash,
+    }
+
+
+def evaluate_segmentation(
+    model,
+    dataset: str,
+    root,
+    method: str = "clip_surgery",
+    options=None,
+    preset: str | None = None,
+    limit: int | None = None,
+    save_pred: Path | None = None,
+    out: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Dataset-level mIoU of ``method`` on a segmentation dataset (resumable with ``out``)."""
+    spec = segmentation_dataset(dataset)
+    chosen = methods.get(method)
+    options = options if options is not None else chosen.options()
+    settings = preset_for(preset or default_preset(method), dataset)
+    samples = spec.samples(root)[:limit] if limit else spec.samples(root)
+    record = {
+        **_header(model, dataset, method, options),
+        "preset": settings.settings(),
+        "root": str(root),
+        "limit": limit,
+    }
+    state = _State(out, record) if out else None
+    matrix = ConfusionMatrix(len(spec.classes), state.matrix if state else None)
+    done = state.done if state else set()
+    started = time.perf_counter()
+    queries = ClassQueries.build(model, spec.classes, DEFAULT_TEMPLATES[: settings.templates])
+    for sample in _progress([s for s in samples if s.key not in done], progress, dataset):
+        label = spec.read_label(sample.label)
+        prediction, _ = segment(model, open_image(sample.image), queries, method, options, settings)
+        if prediction.shape != label.shape:
+            raise DatasetError(
+                f"{sample.label}: label {label.shape} differs from its image {prediction.shape}"
+            )
+        matrix.update(prediction, label)
+        if save_pred:
+            _save_label(prediction, save_pred / f"{sample.key}.png")
+        if state:
+            state.save(matrix.matrix, sample.key)
+    results = {
+        **record,
+        **matrix.results(),
+        "images": len(samples),
+        "seconds": round(time.perf_counter() - started + (state.seconds if state else 0), 2),
+        "classes": [names[0] for names in spec.classes],
+    }
+    if out:
+        write_results(results, out, f"{dataset}-{method}-{settings.name}")
+        state.finish()
+    return results
+
+
+def evaluate_explainability(
+    model,
+    dataset: str,
+    root,
+    method: str = "clip_surgery",
+    options=None,
+    size: int = 224,
+    single: bool = False,
+    limit: int | None = None,
+    out: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """The paper's explainability protocol: mIoU (grid-searched threshold) and mSC."""
+    spec = segmentation_dataset(dataset)
+    options = options if options is not None else methods.get(method).options()
+    samples = spec.samples(root)[:limit] if limit else spec.samples(root)
+    first = 1 if spec.background else 0  # the background class is not explained
+    texts = [names[0] for names in spec.classes[first:]]
+    meter = ExplainabilityMeter()
+    started = time.perf_counter()
+    for sample in _progress(samples, progress, dataset):
+        label = torch.from_numpy(spec.read_label(sample.label).astype(np.int64))
+        present = [c for c in torch.unique(label).tolist() if c != IGNORE and c >= first]
+        if not present:
+            continue
+        result = model.explain(
+            open_image(sample.image),
+            texts,
+            method=method,
+            size=size,
+            single=single,
+            **asdict(options),
+        )
+        columns = [c - first for c in present]
+        maps = similarity_map(result.similarity[:, :, columns], tuple(label.shape), result.grid)[0]
+        for heatmap, cls in zip(maps, present, strict=True):
+            meter.update(heatmap, label == cls, label != IGNORE)
+    results = {
+        **_header(model, dataset, method, options),
+        "task": "explainability",
+        "size": size,
+        "single": single,
+        **meter.results(),
+        "images": len(samples),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if out:
+        write_results(results, out, f"{dataset}-{method}-explainability")
+    return results
+
+
+def evaluate_multilabel(
+    model,
+    dataset: str,
+    root,
+    method: str = "raw",
+    options=None,
+    size: int = 224,
+    limit: int | None = None,
+    out: Path | None = None,
+    progress: bool = True,
+    batch: int = 8,
+) -> dict:
+    """mAP of CLIP's zero-shot class scores (softmax of logit-scaled cosines of the CLS token)."""
+    data = multilabel_dataset(dataset, root)
+    options = options if options is not None else methods.get(method).options()
+    count = min(limit, len(data.samples)) if limit else len(data.samples)
+    texts = [names[0] for names in data.classes]
+    scores = []
+    started = time.perf_counter()
+    for begin in _progress(range(0, count, batch), progress, dataset):
+        chunk = [open_image(s.image) for s in data.samples[begin : min(begin + batch, count)]]
+        result = model.explain(chunk, texts, method=method, size=size, **asdict(options))
+        scores.append(result.probs.cpu().numpy())
+    results = {
+        **_header(model, dataset, method, options),
+        "task": "multilabel",
+        "size": size,
+        **mean_average_precision(np.concatenate(scores), data.labels[:count]),
+        "images": count,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if out:
+        write_results(results, out, f"{dataset}-{method}-multilabel")
+    return results
+
+
+def score_predictions(dataset: str, root, predictions: Path, out: Path | None = None) -> dict:
+    """mIoU of saved label-index PNGs (``<prediction dir>/<image id>.png``), any tool's."""
+    spec = segmentation_dataset(dataset)
+    samples = spec.samples(root)
+    matrix = ConfusionMatrix(len(spec.classes))
+    for sample in samples:
+        path = Path(predictions) / f"{sample.key}.png"
+        if not path.is_file():
+            raise DatasetError(f"missing prediction {path} for {sample.key!r}")
+        with Image.open(path) as picture:
+            prediction = np.asarray(picture)
+        label = spec.read_label(sample.label)
+        if prediction.shape != label.shape:
+            raise DatasetError(
+                f"{path}: shape {prediction.shape} differs from its label {label.shape}"
+            )
+        if prediction.max(initial=0) >= len(spec.classes):
+            raise DatasetError(f"{path}: class index {prediction.max()} >= {len(spec.classes)}")
+        matrix.update(prediction, label)
+    results = {
+        "dataset": dataset,
+        "predictions": str(predictions),
+        **matrix.results(),
+        "images": len(samples),
+        "classes": [names[0] for names in spec.classes],
+    }
+    if out:
+        write_results(results, out, f"{dataset}-score")
+    return results
+
+
+def is_multilabel(dataset: str) -> bool:
+    """True for the multi-label recognition datasets."""
+    return dataset in MULTILABEL
+
+
+def _save_label(prediction: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    Image.fromarray(prediction, mode="L").save(temporary)
+    os.replace(temporary, path)
+
+
+def write_results(results: dict, out: Path, stem: str) -> tuple[Path, Path]:
+    """``<stem>.json`` (everything) and ``<stem>.md`` (a table row with every setting)."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = out / f"{stem}.json", out / f"{stem}.md"
+    _atomic_write(json_path, json.dumps(results, indent=2))
+    headline = {k: results[k] for k in ("miou", "msc", "threshold", "map", "aacc") if k in results}
+    row = {
+        "method": results.get("method"),
+        "dataset": results.get("dataset"),
+        **{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in headline.items()},
+        "model": results.get("model"),
+        "weights": results.get("weights"),
+        "preset": results.get("preset", {}).get("name") if "preset" in results else None,
+        "settings": json.dumps(
+            {
+                k: results[k]
+                for k in ("preset", "options", "size", "single", "limit")
+                if k in results
+            }
+        ),
+        "images": results.get("images"),
+        "seconds": results.get("seconds"),
+    }
+    table = "| " + " | ".join(row) + " |\n| " + " | ".join("---" for _ in row) + " |\n"
+    table += "| " + " | ".join(str(v) for v in row.values()) + " |\n"
+    _atomic_write(markdown_path, table)
+    return json_path, markdown_path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+class _State:
+    """Resumable progress: the confusion matrix and finished image ids, keyed by the settings."""
+
+    def __init__(self, out: Path, record: dict):
+        self.key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+        self.path = out / f".state-{self.key}.npz"
+        self.matrix, self.done, self.seconds = None, set(), 0.0
+        self.started = time.perf_counter()
+        if self.path.is_file():
+            saved = np.load(self.path, allow_pickle=False)
+            self.matrix = saved["matrix"]
+            self.done = set(saved["done"].tolist())
+            self.seconds = float(saved["seconds"])
+
+    def save(self, matrix: np.ndarray, key: str) -> None:
+        self.done.add(key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(self.path.name + ".tmp.npz")
+        elapsed = self.seconds + time.perf_counter() - self.started
+        np.savez(temporary, matrix=matrix, done=np.array(sorted(self.done)), seconds=elapsed)
+        os.replace(temporary, self.path)
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,143 @@
+"""Training-free open-vocabulary segmentation with any method (sliding windows, batched).
+
+The window arithmetic, overlap averaging, logit scale, synonym max, area and background
+thresholds follow SCLIP's segmentor (github.com/wangf3014/SCLIP, ``clip_segmentor.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .. import methods
+from ..eval.presets import Preset
+
+WINDOW_BATCH = 8
+
+
+@dataclass
+class ClassQueries:
+    """Text embeddings of every name and the class each name belongs to."""
+
+    embeddings: torch.Tensor  # [Q, D]
+    class_of: torch.Tensor  # [Q] class index per name
+    num_classes: int
+
+    @classmethod
+    def build(cls, model, classes: list[list[str]], templates) -> ClassQueries:
+        """Encode every name of every class once."""
+        names = [name for names in classes for name in names]
+        class_of = torch.tensor([i for i, names in enumerate(classes) for _ in names])
+        return cls(model.encode_text(names, templates), class_of, len(classes))
+
+
+def resize_for(image: Image.Image, preset: Preset) -> torch.Tensor:
+    """The image as a normalised ``[3, h, w]`` tensor at the preset's size (bilinear, no antialias,
+    like OpenCV's resize in MMSegmentation pipelines)."""
+    array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    tensor = array.permute(2, 0, 1)[None]
+    if preset.square:
+        size = (preset.square, preset.square)
+    else:
+        height, width = tensor.shape[-2:]
+        scale = min(preset.short_side / min(height, width), preset.long_side / max(height, width))
+        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+    tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0]
+    return tensor
+
+
+def window_boxes(
+    height: int, width: int, window: int, stride: int
+) -> list[tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) of every window, the last ones shifted back inside the image."""
+    rows = max(height - window + stride - 1, 0) // stride + 1
+    cols = max(width - window + stride - 1, 0) // stride + 1
+    boxes = []
+    for row in range(rows):
+        for col in range(cols):
+            y2, x2 = min(row * stride + window, height), min(col * stride + window, width)
+            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
+    return boxes
+
+
+def dense_logits(
+    model, image: torch.Tensor, queries: ClassQueries, method: str, options, preset: Preset
+) -> torch.Tensor:
+    """Per-name logits ``[Q, h, w]`` over the resized image, windows averaged where they overlap."""
+    chosen = methods.get(method)
+    normalised = _normalise(model, image)
+    height, width = image.shape[-2:]
+    if preset.window is None:
+        boxes = [(0, height, 0, width)]
+    else:
+        boxes = window_boxes(height, width, preset.window, preset.stride)
+    total = torch.zeros(len(queries.embeddings), height, width)
+    count = torch.zeros(1, height, width)
+    for begin in range(0, len(boxes), WINDOW_BATCH):
+        chunk = boxes[begin : begin + WINDOW_BATCH]
+        crops = torch.stack([normalised[:, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
+        scores = chosen.scores(model, crops.to(model.device), queries.embeddings, options)
+        grid_h, grid_w = scores.grid
+        logits = scores.logits.transpose(1, 2).reshape(len(chunk), -1, grid_h, grid_w)
+        logits = F.interpolate(
+            logits.float().cpu(), size=crops.shape[-2:], mode="bilinear", align_corners=False
+        )
+        for (y1, y2, x1, x2), window_logits in zip(chunk, logits, strict=True):
+            total[:, y1:y2, x1:x2] += window_logits
+            count[:, y1:y2, x1:x2] += 1
+    return total / count
+
+
+def _normalise(model, image: torch.Tensor) -> torch.Tensor:
+    mean = getattr(model.clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+    std = getattr(model.clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def class_probabilities(
+    logits: torch.Tensor, queries: ClassQueries, preset: Preset, size: tuple[int, int]
+) -> torch.Tensor:
+    """Per-class probabilities ``[C, H, W]`` at the label size: upsample, softmax, synonym max."""
+    logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    probabilities = (logits * preset.logit_scale).softmax(dim=0)
+    if len(queries.class_of) == queries.num_classes:
+        return probabilities
+    per_class = torch.full((queries.num_classes, *size), -1.0)
+    for index in range(queries.num_classes):
+        members = probabilities[queries.class_of == index]
+        per_class[index] = members.max(dim=0).values
+    return per_class
+
+
+def predict(probabilities: torch.Tensor, preset: Preset) -> np.ndarray:
+    """Labels ``[H, W]``: area threshold, argmax, background threshold (class 0)."""
+    probabilities = probabilities.clone()
+    if preset.area_threshold is not None:
+        winners = probabilities.argmax(dim=0)
+        areas = torch.bincount(winners.flatten(), minlength=len(probabilities))[1:].float()
+        keep = (areas > preset.area_threshold * areas.sum()).float()
+        probabilities[1:] *= keep.view(-1, 1, 1)
+    top, labels = probabilities.max(dim=0)
+    labels[top < preset.prob_threshold] = 0
+    return labels.numpy().astype(np.uint8)
+
+
+def segment(
+    model,
+    image: Image.Image,
+    queries: ClassQueries,
+    method: str = "clip_surgery",
+    options=None,
+    preset: Preset | None = None,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Label map ``[H, W]`` (image size) and class probabilities ``[C, H, W]`` for one image."""
+    preset = preset or Preset("sclip")
+    options = options if options is not None else methods.get(method).options()
+    resized = resize_for(image, preset)
+    logits = dense_logits(model, resized, queries, method, options, preset)
+    probabilities = class_probabilities(logits, queries, preset, (image.height, image.width))
+    return predict(probabilities, preset), probabilities
