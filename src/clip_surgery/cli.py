@@ -11,6 +11,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from . import __version__
 from .errors import ClipSurgeryError, ImageError
 from .features import similarity_map
@@ -18,6 +21,7 @@ from .images import list_images, open_image
 from .methods import DEFAULT_METHOD, METHODS, OptionError
 from .methods import get as get_method
 from .models import SurgeryModel, load
+from .text import check_texts
 from .viz import grid_figure, overlay, save_png
 
 DEFAULT_MODEL = "ViT-B/16"
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a method option, repeatable (e.g. --option depth=4)",
     )
-    explain.add_argument("--size", type=int, default=224, help="input side in pixels (224)")
+    explain.add_argument("--size", type=int, help="input side in pixels (the model's own: 224)")
     explain.add_argument(
         "--depth", type=int, help="CLIP Surgery's depth (same as --option depth=N)"
     )
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--batch-size", type=int, default=8, help="images per forward (8)")
     explain.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_eval_parsers(commands)
+    add_task_parsers(commands)
     listing = commands.add_parser("methods", help="list the explanation methods")
     listing.add_argument("--json", action="store_true", help="print the listing as JSON")
     return parser
@@ -75,7 +80,7 @@ def add_eval_parsers(commands) -> None:
         choices=["segmentation", "explainability", "multilabel"],
         help="default: segmentation, or multilabel for multi-label datasets",
     )
-    evaluate.add_argument("--size", type=int, default=224, help="explainability/multilabel size")
+    evaluate.add_argument("--size", type=int, help="explainability/multilabel input side (native)")
     evaluate.add_argument("--single", action="store_true", help="explainability: free-form mode")
     evaluate.add_argument("--limit", type=int, help="only the first N images")
     evaluate.add_argument("--save-pred", type=Path, help="write label PNGs here")
@@ -87,6 +92,135 @@ def add_eval_parsers(commands) -> None:
     score.add_argument("--root", required=True, type=Path)
     score.add_argument("--pred", required=True, type=Path, help="directory of <image id>.png")
     score.add_argument("--out", type=Path, help="also write JSON and Markdown here")
+
+
+def add_task_parsers(commands) -> None:
+    """The ``segment``, ``classify`` and ``explain-text`` commands."""
+    segment = commands.add_parser("segment", help="SAM masks from text (CLIP Surgery points)")
+    segment.add_argument("image", type=Path)
+    segment.add_argument(
+        "--text",
+        "-t",
+        nargs="+",
+        required=True,
+        help='targets; "person+bench" combines texts into one mask',
+    )
+    segment.add_argument("--sam-checkpoint", required=True, type=Path)
+    segment.add_argument("--sam-type", default="vit_b", help="vit_b|vit_l|vit_h|sam2_hiera_*")
+    segment.add_argument("--threshold", default="0.8", help="point threshold, or 'otsu'")
+    segment.add_argument("--max-points", type=int, help="cap on the number of points")
+    segment.add_argument("--box", action="store_true", help="also give SAM a box from the map")
+    segment.add_argument("--instances", action="store_true", help="one mask per instance")
+    segment.add_argument("--method", default=DEFAULT_METHOD)
+    segment.add_argument("--size", type=int, help="CLIP input side (the model's own)")
+    segment.add_argument("--out", type=Path, default=Path("out"))
+    add_model_options(segment)
+    classify = commands.add_parser("classify", help="rank labels for an image (multi-label)")
+    classify.add_argument("image", type=Path)
+    classify.add_argument("--labels", nargs="+", required=True)
+    classify.add_argument("--plain", action="store_true", help="CLIP's own scores, no surgery")
+    classify.add_argument("--size", type=int)
+    classify.add_argument("--json", action="store_true")
+    add_model_options(classify)
+    words = commands.add_parser("explain-text", help="which words of a caption match where")
+    words.add_argument("image", type=Path)
+    words.add_argument("--caption", required=True)
+    words.add_argument("--size", type=int)
+    words.add_argument("--out", type=Path, default=Path("out"))
+    words.add_argument("--json", action="store_true")
+    add_model_options(words)
+
+
+def _threshold(text: str) -> float | str:
+    if text == "otsu":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise OptionError(f"--threshold takes a number or 'otsu', got {text!r}") from None
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """The ``segment`` command: a mask PNG and an overlay with the prompts per target."""
+    from .tasks.sam import load_predictor, mask_overlay, segment_text
+
+    threshold = _threshold(args.threshold)
+    image = open_image(args.image)
+    check_texts([t for target in args.text for t in target.split("+")])
+    predictor = load_predictor(args.sam_checkpoint, args.sam_type, args.device)
+    model = model_from_args(args)
+    predictor.set_image(np.asarray(image))
+    for target in args.text:
+        result = segment_text(
+            model,
+            predictor,
+            image,
+            target,
+            method=args.method,
+            size=args.size,
+            threshold=threshold,
+            max_points=args.max_points,
+            use_box=args.box,
+            instances=args.instances,
+            image_set=True,
+        )
+        stem = f"{args.image.stem}_{slug(target)}"
+        mask = Image.fromarray((result.mask * 255).astype(np.uint8), mode="L")
+        save_png(mask, args.out / f"{stem}_mask.png")
+        save_png(mask_overlay(image, result), args.out / f"{stem}_sam.png")
+        print(
+            f"{target}: mask of {int(result.mask.sum())} px, score {result.score:.3f}, "
+            f"{int(result.labels.sum())} positive / {int((result.labels == 0).sum())} negative "
+            f"points -> {args.out / (stem + '_mask.png')}"
+        )
+    return 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    """The ``classify`` command: labels ranked by score."""
+    from .tasks.classify import class_scores, ranked
+
+    image = open_image(args.image)
+    labels = check_texts(args.labels)
+    model = model_from_args(args)
+    scores = class_scores(model, image, labels, surgery=not args.plain, size=args.size)[0]
+    ranking = ranked(scores, labels)
+    if args.json:
+        print(json.dumps([{"label": label, "score": round(score, 6)} for label, score in ranking]))
+    else:
+        for label, score in ranking:
+            print(f"{score:8.4f}  {label}")
+    return 0
+
+
+def run_explain_text(args: argparse.Namespace) -> int:
+    """The ``explain-text`` command: word importances and a figure of per-word maps."""
+    from .tasks.words import explain_words, word_figure
+
+    image = open_image(args.image)
+    check_texts([args.caption])
+    model = model_from_args(args)
+    result = explain_words(model, image, args.caption, size=args.size)
+    path = save_png(word_figure(image, result), args.out / f"{args.image.stem}_words.png")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "caption": args.caption,
+                    "cosine": result.cosine,
+                    "figure": str(path),
+                    "words": [
+                        {"word": w, "drop": d, "share": s}
+                        for w, d, s in zip(result.words, result.drops, result.shares, strict=True)
+                    ],
+                }
+            )
+        )
+    else:
+        for word, share in zip(result.words, result.shares, strict=True):
+            print(f"{share:6.1%}  {word}")
+        print(f"figure: {path}")
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -205,7 +339,7 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
 
 def run_explain(args: argparse.Namespace) -> int:
     """The ``explain`` command."""
-    if args.size <= 0 or args.batch_size <= 0:
+    if (args.size is not None and args.size <= 0) or args.batch_size <= 0:
         raise ImageError("--size and --batch-size must be positive")
     paths = list_images(args.images)
     for path in paths:  # fail on a bad image before anything is written
@@ -249,7 +383,11 @@ def run_explain(args: argparse.Namespace) -> int:
         "model": model.name,
         "weights": model.weights_hash,
         "method": args.method,
-        "settings": {"size": args.size, "single": args.single, **dataclasses.asdict(parsed)},
+        "settings": {
+            "size": args.size or model.native_size,
+            "single": args.single,
+            **dataclasses.asdict(parsed),
+        },
         "seconds": round(time.perf_counter() - started, 3),
         "images": records,
     }
@@ -280,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "methods": run_methods,
             "eval": run_eval,
             "score": run_score,
+            "segment": run_segment,
+            "classify": run_classify,
+            "explain-text": run_explain_text,
         }
         return commands[args.command](args)
     except ClipSurgeryError as error:

@@ -9,6 +9,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import open_clip
@@ -109,15 +110,25 @@ class SurgeryModel:
 
     # ------------------------------------------------------------ images
 
-    def preprocess(self, image: Image.Image | str | Path, size: Size = 224) -> torch.Tensor:
-        """Whole image resized to ``size`` (bicubic, no crop), CLIP-normalised: ``[3, H, W]``."""
+    @property
+    def native_size(self) -> int:
+        """The input side the model was trained at (224 for CLIP ViT-B/16, 64 for tiny-synth)."""
+        size = self.clip.visual.image_size
+        return int(size if isinstance(size, int) else size[0])
+
+    def preprocess(self, image: Image.Image | str | Path, size: Size | None = None) -> torch.Tensor:
+        """Whole image resized to ``size`` (default: the model's native size; bicubic, no crop),
+        CLIP-normalised: ``[3, H, W]``."""
+        size = self.native_size if size is None else size
         if not isinstance(image, Image.Image):
             image = open_image(image)
         mean = getattr(self.clip.visual, "image_mean", None) or OPENAI_MEAN
         std = getattr(self.clip.visual, "image_std", None) or OPENAI_STD
         return preprocess_image(image, size, mean, std)
 
-    def as_batch(self, images: ImageInput | Sequence[ImageInput], size: Size = 224) -> torch.Tensor:
+    def as_batch(
+        self, images: ImageInput | Sequence[ImageInput], size: Size | None = None
+    ) -> torch.Tensor:
         """Stack tensors, PIL images or paths into one ``[B, 3, H, W]`` batch on the device."""
         if isinstance(images, torch.Tensor):
             batch = images
@@ -138,7 +149,7 @@ class SurgeryModel:
             raise ImageError("image tensors must be preprocessed floats (see model.preprocess)")
         return batch.to(self.device)
 
-    def _one_image(self, image: ImageInput, size: Size) -> torch.Tensor:
+    def _one_image(self, image: ImageInput, size: Size | None) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
             return image
         return self.preprocess(image, size)
@@ -219,7 +230,7 @@ class SurgeryModel:
         texts: Sequence[str] | str,
         *,
         method: str = "clip_surgery",
-        size: Size = 224,
+        size: Size | None = None,
         single: bool = False,
         output_size: Size | None = None,
         templates: Sequence[str] | None = DEFAULT_TEMPLATES,
@@ -306,6 +317,8 @@ def load(
     architectures, the config's own activation otherwise.
     """
     text = str(name_or_path)
+    if text in BUNDLED:
+        return _load_bundled(text, device)
     if _looks_like_path(text):
         return _load_file(Path(text), None, device, quick_gelu)
     name = OPENAI_NAMES.get(text, text)
@@ -313,6 +326,23 @@ def load(
     if pretrained is not None and _looks_like_path(str(pretrained)):
         return _load_file(Path(pretrained), name, device, quick_gelu)
     return _load_pretrained(name, pretrained, device, quick_gelu)
+
+
+BUNDLED = ("tiny-synth",)
+
+
+def _load_bundled(name: str, device) -> SurgeryModel:
+    """A model shipped inside the package (config and fp16 weights in ``data/models``)."""
+    folder = Path(str(files("clip_surgery").joinpath("data/models")))
+    weights = folder / f"{name}.safetensors"
+    if not weights.is_file():
+        raise WeightsUnavailableError(
+            f"{weights} is missing from this installation; retrain it with "
+            "scripts/train_tiny_synth.py"
+        )
+    if name not in open_clip.list_models():
+        open_clip.add_model_config(folder / f"{name}.json")
+    return _load_file(weights, name, device, quick_gelu=None)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -443,7 +473,8 @@ def _load_file(path: Path, name: str | None, device, quick_gelu) -> SurgeryModel
         label = path.name
     else:
         use_quick = openai_style if quick_gelu is None else quick_gelu
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick)
+        with _quiet_logging():  # "no pretrained weights loaded": we load them next
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick)
         _load_into(model, state_dict, f"{path} does not match {name}")
         tokenizer = open_clip.get_tokenizer(name)
         label = f"{name}/{path.name}"

@@ -171,6 +171,15 @@ SEGMENTATION = {
             nested=True,
         ),
         SegmentationDataset(
+            "synthetic",
+            f"{VOC12}/JPEGImages",
+            f"{VOC12}/SegmentationClass",
+            ".png",
+            ".png",
+            f"{VOC12}/ImageSets/Segmentation/val.txt",
+            background=True,
+        ),
+        SegmentationDataset(
             "ade20k",
             "ade/ADEChallengeData2016/images/validation",
             "ade/ADEChallengeData2016/annotations/validation",

@@ -144,7 +144,7 @@ def evaluate_explainability(
     results = {
         **_header(model, dataset, method, options),
         "task": "explainability",
-        "size": size,
+        "size": size or model.native_size,
         "single": single,
         **meter.results(),
         "images": len(samples),
@@ -159,29 +159,34 @@ def evaluate_multilabel(
     model,
     dataset: str,
     root,
-    method: str = "raw",
+    method: str = "clip_surgery",
     options=None,
-    size: int = 224,
+    size: int | None = None,
     limit: int | None = None,
     out: Path | None = None,
     progress: bool = True,
     batch: int = 8,
 ) -> dict:
-    """mAP of CLIP's zero-shot class scores (softmax of logit-scaled cosines of the CLS token)."""
+    """mAP of zero-shot class scores: ``raw`` (CLIP's softmax) or ``clip_surgery`` (plus the best
+    patch's score from the surgery tokens; see ``tasks.classify``)."""
+    from ..tasks.classify import class_scores
+
+    if method not in ("raw", "clip_surgery"):
+        raise DatasetError("multi-label scores are defined for methods raw and clip_surgery")
     data = multilabel_dataset(dataset, root)
     options = options if options is not None else methods.get(method).options()
     count = min(limit, len(data.samples)) if limit else len(data.samples)
-    texts = [names[0] for names in data.classes]
+    labels = [names[0] for names in data.classes]
     scores = []
     started = time.perf_counter()
     for begin in _progress(range(0, count, batch), progress, dataset):
         chunk = [open_image(s.image) for s in data.samples[begin : min(begin + batch, count)]]
-        result = model.explain(chunk, texts, method=method, size=size, **asdict(options))
-        scores.append(result.probs.cpu().numpy())
+        found = class_scores(model, chunk, labels, surgery=method == "clip_surgery", size=size)
+        scores.append(found.cpu().numpy())
     results = {
         **_header(model, dataset, method, options),
         "task": "multilabel",
-        "size": size,
+        "size": size or model.native_size,
         **mean_average_precision(np.concatenate(scores), data.labels[:count]),
         "images": count,
         "seconds": round(time.perf_counter() - started, 2),

@@ -1,0 +1,236 @@
+"""Procedural captioned scenes with exact masks: the training data and benchmark of tiny-synth.
+
+Every scene is a pure function of its seed: 1-4 coloured, textured shapes (some overlapping) on
+a textured background ("stuff"), an exact label map (0 = background, then one class per shape
+category) and a caption in varied phrasings. Splits use disjoint seed ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SIZE = 64
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (240, 130, 30),
+}
+TEXTURES = ("plain", "striped", "dotted")
+BACKGROUNDS = ("stripes", "dots", "noise", "gradient", "checks")
+SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+CLASSES = ("background", *SHAPES)
+
+
+@dataclass
+class SceneObject:
+    """One shape in a scene."""
+
+    shape: str
+    colour: str
+    texture: str
+    size: str  # "small" or "large"
+    pixels: int = 0  # visible pixels after occlusion
+
+
+@dataclass
+class Scene:
+    """An RGB image ``[S, S, 3]`` uint8, its label map ``[S, S]`` and a caption."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    caption: str
+    objects: list[SceneObject] = field(default_factory=list)
+    background: str = ""
+
+    @property
+    def main_shape(self) -> str:
+        """The shape category with the most visible pixels (the classification target)."""
+        return max(self.objects, key=lambda o: o.pixels).shape
+
+
+def scene_seed(split: str, index: int) -> int:
+    """The seed of scene ``index`` of ``split`` (disjoint ranges per split)."""
+    return SPLITS[split] + index
+
+
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    return ys + 0.5, xs + 0.5
+
+
+def _shape_mask(shape: str, cy: float, cx: float, radius: float, angle: float) -> np.ndarray:
+    ys, xs = _grid()
+    dy, dx = ys - cy, xs - cx
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy  # rotated coordinates
+    if shape == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape == "ring":
+        distance = np.sqrt(dx**2 + dy**2)
+        return (distance <= radius) & (distance >= radius * 0.55)
+    if shape == "square":
+        side = radius * 0.85
+        return (np.abs(u) <= side) & (np.abs(v) <= side)
+    if shape == "cross":
+        arm = radius * 0.33
+        return ((np.abs(u) <= radius) & (np.abs(v) <= arm)) | (
+            (np.abs(v) <= radius) & (np.abs(u) <= arm)
+        )
+    # triangle: inside three half-planes of an equilateral triangle
+    inside = np.ones_like(u, dtype=bool)
+    for k in range(3):
+        theta = angle + k * 2 * np.pi / 3
+        inside &= np.cos(theta) * dx + np.sin(theta) * dy <= radius * 0.5
+    return inside
+
+
+def _texture(texture: str, colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    ys, xs = _grid()
+    base = np.broadcast_to(colour, (SIZE, SIZE, 3)).astype(np.float32)
+    if texture == "plain":
+        return base.copy()
+    if texture == "striped":
+        period = rng.uniform(4, 7)
+        stripes = (np.sin((xs + ys) * 2 * np.pi / period) > 0)[..., None]
+        return np.where(stripes, base, base * 0.45)
+    dots = ((np.mod(xs, 5) - 2.5) ** 2 + (np.mod(ys, 5) - 2.5) ** 2 < 2.2)[..., None]
+    return np.where(dots, base * 0.4 + 150, base)
+
+
+def _background(kind: str, rng: np.random.Generator) -> np.ndarray:
+    ys, xs = _grid()
+    first = rng.uniform(60, 200, 3)
+    second = np.clip(first + rng.uniform(-70, 70, 3), 0, 255)
+    if kind == "stripes":
+        period, angle = rng.uniform(6, 14), rng.uniform(0, np.pi)
+        pattern = np.sin((np.cos(angle) * xs + np.sin(angle) * ys) * 2 * np.pi / period) > 0
+    elif kind == "dots":
+        step = rng.integers(6, 10)
+        pattern = (np.mod(xs, step) - step / 2) ** 2 + (np.mod(ys, step) - step / 2) ** 2 < 4
+    elif kind == "noise":
+        coarse = rng.random((8, 8))
+        pattern = np.kron(coarse, np.ones((SIZE // 8, SIZE // 8))) > 0.5
+    elif kind == "checks":
+        step = rng.integers(6, 12)
+        pattern = (xs // step + ys // step) % 2 == 0
+    else:  # gradient
+        weight = (xs / SIZE)[..., None] if rng.random() < 0.5 else (ys / SIZE)[..., None]
+        return first * (1 - weight) + second * weight
+    return np.where(pattern[..., None], first, second)
+
+
+def _describe(obj: SceneObject, rng: np.random.Generator) -> str:
+    words = []
+    if rng.random() < 0.5:
+        words.append(obj.size)
+    if rng.random() < 0.85:
+        words.append(obj.colour)
+    if obj.texture != "plain" and rng.random() < 0.6:
+        words.append(obj.texture)
+    words.append(obj.shape)
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return f"{article} {' '.join(words)}"
+
+
+def _caption(objects: list[SceneObject], background: str, rng: np.random.Generator) -> str:
+    ordered = sorted(objects, key=lambda o: -o.pixels)
+    mentioned = [o for o in ordered if o.pixels > 0][: int(rng.integers(1, 4))]
+    parts = [_describe(o, rng) for o in mentioned]
+    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    form = rng.integers(0, 5)
+    text = [
+        f"{listing}",
+        f"a picture of {listing}",
+        f"there is {listing}",
+        f"{listing} in the scene",
+        f"an image showing {listing}",
+    ][form]
+    if rng.random() < 0.4:
+        text += f" on a {background} background"
+    return text
+
+
+def make_scene(seed: int) -> Scene:
+    """The scene of ``seed``: deterministic image, labels and caption."""
+    rng = np.random.default_rng(seed)
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    image = _background(background, rng)
+    labels = np.zeros((SIZE, SIZE), np.uint8)
+    objects = []
+    owner = np.full((SIZE, SIZE), -1)
+    for index in range(int(rng.integers(1, 5))):
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        texture = TEXTURES[rng.integers(len(TEXTURES))]
+        large = rng.random() < 0.5
+        radius = rng.uniform(12, 17) if large else rng.uniform(6.5, 10)
+        cy, cx = rng.uniform(radius * 0.7, SIZE - radius * 0.7, 2)
+        mask = _shape_mask(shape, cy, cx, radius, rng.uniform(0, np.pi))
+        fill = _texture(texture, np.array(COLOURS[colour], np.float32), rng)
+        image = np.where(mask[..., None], fill, image)
+        labels[mask] = SHAPES.index(shape) + 1
+        owner[mask] = index
+        objects.append(SceneObject(shape, colour, texture, "large" if large else "small"))
+    for index, obj in enumerate(objects):
+        obj.pixels = int((owner == index).sum())
+    objects = [o for o in objects if o.pixels > 0] or objects
+    noise = rng.normal(0, 6, image.shape)
+    picture = np.clip(image + noise, 0, 255).astype(np.uint8)
+    return Scene(picture, labels, _caption(objects, background, rng), objects, background)
+
+
+def scenes(split: str, count: int, start: int = 0) -> list[Scene]:
+    """``count`` scenes of ``split`` from index ``start``."""
+    return [make_scene(scene_seed(split, start + i)) for i in range(count)]
+
+
+def export_voc(root, split: str = "test", count: int = 200) -> list[str]:
+    """Write ``count`` scenes of ``split`` in the VOC layout of the evaluation harness
+    (dataset ``synthetic``: lossless PNG images, label PNGs, ``val.txt``); returns the ids."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    base = Path(root) / "VOCdevkit/VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    keys = []
+    for index in range(count):
+        scene = make_scene(scene_seed(split, index))
+        key = f"{split}_{index:05d}"
+        Image.fromarray(scene.image).save(base / "JPEGImages" / f"{key}.png")
+        Image.fromarray(scene.labels, mode="L").save(base / "SegmentationClass" / f"{key}.png")
+        keys.append(key)
+    (base / "ImageSets/Segmentation/val.txt").write_text("\n".join(keys) + "\n")
+    return keys
+
+
+def zero_shot_accuracy(model, split: str = "test", count: int = 1000) -> float:
+    """Share of ``split`` scenes whose largest shape is CLIP's top class among SHAPES.
+
+    ``model`` is a SurgeryModel: the default 85-template ensemble per shape name, CLIP's plain
+    image embedding (CLS), cosine argmax.
+    """
+    import torch
+
+    text = model.encode_text(list(SHAPES))
+    correct = 0
+    for begin in range(0, count, 256):
+        chunk = [make_scene(scene_seed(split, i)) for i in range(begin, min(begin + 256, count))]
+        images = torch.stack([_to_input(model, s.image) for s in chunk])
+        cls = model.encode_image(images, surgery=False)[:, 0]
+        guesses = (torch.nn.functional.normalize(cls, dim=-1) @ text.T).argmax(dim=-1).tolist()
+        correct += sum(SHAPES[g] == s.main_shape for g, s in zip(guesses, chunk, strict=True))
+    return correct / count
+
+
+def _to_input(model, image: np.ndarray):
+    from PIL import Image
+
+    return model.preprocess(Image.fromarray(image))
