@@ -10,27 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
-import time
 
 import open_clip
 import torch
+from timing import median_seconds
 
 import clip_surgery
 from clip_surgery import methods
 
 TEXTS = ["a cat", "the sky"]
-
-
-def median_seconds(function, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench(architecture: str, size: int, repeats: int) -> list[dict]:

@@ -14,24 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-
-
-def median_seconds(function, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def bench_encode(size: int, batches: list[int], repeats: int) -> list[dict]:

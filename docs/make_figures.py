@@ -1,0 +1,101 @@
+"""Regenerate the README's task pictures with tiny-synth (offline, a few seconds).
+
+Run: ``.venv/bin/python docs/make_figures.py`` (the methods figure comes from
+``benchmarks/synth_benchmark.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import clip_surgery  # noqa: E402
+from clip_surgery import synth  # noqa: E402
+from clip_surgery.points import points_from_map  # noqa: E402
+from clip_surgery.tasks.classify import class_scores  # noqa: E402
+from clip_surgery.tasks.sam import TextMask, grid_maps, mask_overlay  # noqa: E402
+from clip_surgery.tasks.words import explain_words, word_figure  # noqa: E402
+from clip_surgery.viz import save_png  # noqa: E402
+
+HERE = Path(__file__).parent
+SCALE = 4
+
+
+def scene_image(index: int) -> tuple[synth.Scene, Image.Image]:
+    """A test scene and its picture upscaled for display (nearest neighbour)."""
+    scene = synth.make_scene(synth.scene_seed("test", index))
+    picture = Image.fromarray(scene.image).resize((64 * SCALE, 64 * SCALE), Image.NEAREST)
+    return scene, picture
+
+
+def points_figure(model) -> Path:
+    """Point prompts from CLIP Surgery's map of each scene's main shape (what SAM receives)."""
+    figure, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for axis, index in zip(axes, (7, 11, 20), strict=True):
+        scene, picture = scene_image(index)
+        maps = grid_maps(model, picture, [scene.main_shape], "clip_surgery", None)
+        points, labels = points_from_map(maps[0], (picture.height, picture.width))
+        prompts = TextMask(
+            scene.main_shape,
+            np.zeros((picture.height, picture.width), bool),
+            0.0,
+            points,
+            labels,
+            None,
+            [],
+        )
+        axis.imshow(mask_overlay(picture, prompts))
+        axis.set_title(
+            f'"{scene.main_shape}": {int(labels.sum())} + / {int((labels == 0).sum())} - points',
+            fontsize=9,
+        )
+        axis.axis("off")
+    figure.tight_layout()
+    return save_png(figure, HERE / "tiny_synth_points.png")
+
+
+def classify_figure(model) -> Path:
+    """Class scores of one scene, plain CLIP and with surgery."""
+    scene, picture = scene_image(7)
+    labels = list(synth.SHAPES)
+    plain = class_scores(model, picture, labels, surgery=False)[0].numpy()
+    surgery = class_scores(model, picture, labels, surgery=True)[0].numpy()
+    present = {o.shape for o in scene.objects if o.pixels}
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [1, 1.6]}
+    )
+    left.imshow(picture)
+    left.axis("off")
+    left.set_title("present: " + ", ".join(sorted(present)), fontsize=9)
+    positions = np.arange(len(labels))
+    right.bar(positions - 0.2, plain, 0.4, label="plain CLIP")
+    right.bar(positions + 0.2, surgery, 0.4, label="with surgery (global + best patch)")
+    right.set_xticks(positions, labels)
+    right.legend(fontsize=8)
+    right.set_ylabel("score")
+    figure.tight_layout()
+    return save_png(figure, HERE / "tiny_synth_classify.png")
+
+
+def words_figure(model) -> Path:
+    """Word importances and per-word maps for a scene's caption."""
+    scene, picture = scene_image(7)
+    result = explain_words(model, picture, scene.caption)
+    return save_png(word_figure(picture, result), HERE / "tiny_synth_words.png")
+
+
+def main() -> None:
+    """Write the three task pictures next to this script."""
+    model = clip_surgery.load("tiny-synth")
+    for path in (points_figure(model), classify_figure(model), words_figure(model)):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
