@@ -122,9 +122,14 @@ class SurgeryModel:
         size = self.native_size if size is None else size
         if not isinstance(image, Image.Image):
             image = open_image(image)
+        return preprocess_image(image, size, *self.normalization)
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The model's image mean and std (OpenAI's CLIP values unless the model sets its own)."""
         mean = getattr(self.clip.visual, "image_mean", None) or OPENAI_MEAN
         std = getattr(self.clip.visual, "image_std", None) or OPENAI_STD
-        return preprocess_image(image, size, mean, std)
+        return tuple(mean), tuple(std)
 
     def as_batch(
         self, images: ImageInput | Sequence[ImageInput], size: Size | None = None

@@ -93,8 +93,7 @@ def dense_logits(
 
 
 def _normalise(model, image: torch.Tensor) -> torch.Tensor:
-    mean = getattr(model.clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-    std = getattr(model.clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    mean, std = model.normalization
     return (image - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 

@@ -1,0 +1,74 @@
+"""The synthetic scenes, their export, and the shipped tiny-synth model."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+
+import numpy as np
+import pytest
+import torch
+
+import clip_surgery
+from clip_surgery import synth
+from clip_surgery.eval.datasets import SEGMENTATION
+
+
+def test_scenes_are_deterministic_and_splits_disjoint():
+    first, again = (
+        synth.make_scene(synth.scene_seed("train", 5)),
+        synth.make_scene(synth.scene_seed("train", 5)),
+    )
+    assert np.array_equal(first.image, again.image) and first.caption == again.caption
+    seeds = {
+        split: {synth.scene_seed(split, i) for i in range(0, 9_999_999, 99_999)}
+        for split in synth.SPLITS
+    }
+    assert not (seeds["train"] & seeds["val"]) and not (seeds["val"] & seeds["test"])
+
+
+@pytest.mark.parametrize("index", range(20))
+def test_labels_match_objects_and_captions(index):
+    scene = synth.make_scene(synth.scene_seed("test", index))
+    assert scene.image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
+    assert scene.labels.shape == (64, 64)
+    present = {synth.CLASSES[c] for c in np.unique(scene.labels) if c}
+    visible = {o.shape for o in scene.objects if o.pixels > 0}
+    assert present == visible
+    assert scene.main_shape in present
+    mentioned = [shape for shape in synth.SHAPES if shape in scene.caption]
+    assert mentioned and set(mentioned) <= present
+    total = sum(o.pixels for o in scene.objects)
+    assert total == int((scene.labels > 0).sum())
+
+
+def test_export_is_readable_by_the_harness(tmp_path):
+    keys = synth.export_voc(tmp_path, "test", 5)
+    spec = SEGMENTATION["synthetic"]
+    samples = spec.samples(tmp_path)
+    assert [s.key for s in samples] == keys
+    label = spec.read_label(samples[2].label)
+    assert np.array_equal(label, synth.make_scene(synth.scene_seed("test", 2)).labels)
+    assert spec.classes[1:] == [[shape] for shape in synth.SHAPES]
+
+
+def test_bundled_model_loads_offline_and_reaches_its_stated_accuracy():
+    stated = json.loads(
+        files("clip_surgery").joinpath("data/models/tiny-synth.metrics.json").read_text()
+    )
+    model = clip_surgery.load("tiny-synth")
+    assert model.native_size == 64 and model.is_vit
+    weights = files("clip_surgery").joinpath("data/models/tiny-synth.safetensors")
+    assert weights.stat().st_size <= 16 * 2**20
+    accuracy = synth.zero_shot_accuracy(model, "test", stated["eval_count"])
+    assert accuracy == pytest.approx(stated["shipped_test_zero_shot_accuracy"], abs=0.01)
+    assert accuracy > 0.5  # far above the 20% of guessing among five shapes
+
+
+def test_bundled_model_explains_a_scene():
+    model = clip_surgery.load("tiny-synth")
+    scene = synth.make_scene(synth.scene_seed("test", 0))
+    image = model.preprocess(__import__("PIL.Image").Image.fromarray(scene.image))
+    result = model.explain(image, list(synth.SHAPES))
+    assert result.maps.shape == (1, 5, 64, 64)
+    assert torch.isfinite(result.maps).all()
