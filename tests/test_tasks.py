@@ -53,8 +53,16 @@ def test_instances_give_one_prompt_per_region():
 def test_otsu_threshold_splits_a_bimodal_map():
     values = torch.cat([torch.full((50,), 0.1), torch.full((30,), 0.9)])
     assert 0.1 < otsu_threshold(values) <= 0.9
-    points, labels = points_from_map(two_blobs(), (160, 160), threshold="otsu")
-    assert labels.sum() == min(int((labels == 1).sum()), 32) and labels.sum() > 1
+    grid = two_blobs()
+    grid[6:10, 6:10] = 0.5  # a middle level the fixed 0.8 leaves out
+    cells = F.interpolate(grid[None, None], size=(8, 8), mode="bilinear", align_corners=False)
+    cells = cells.flatten()
+    cells = (cells - cells.min()) / (cells.max() - cells.min())
+    cutoff = otsu_threshold(cells)
+    expected = min(int((cells >= cutoff).sum()), 32)
+    points, labels = points_from_map(grid, (160, 160), threshold="otsu")
+    assert int(labels.sum()) == expected == int((labels == 0).sum()) and expected > 1
+    assert expected != int(points_from_map(grid, (160, 160))[1].sum())  # differs from 0.8
     with pytest.raises(ValueError, match="otsu"):
         points_from_map(two_blobs(), (160, 160), threshold="auto")
 

@@ -69,12 +69,11 @@ def points_from_map(
     ``threshold="otsu"`` adapts the threshold to the map (Otsu's split of its histogram);
     ``max_points`` caps the points (half positive, half negative; the strongest are kept).
     """
-    values, _, cells_w = _cells(grid_map, downsample)
+    values, cells_h, cells_w = _cells(grid_map, downsample)
     order = torch.sort(values, stable=True).indices
     count = min(int((values >= _resolve(threshold, values)).sum()), values.numel() // 2)
     if max_points is not None:
         count = min(count, max(max_points // 2, 1))
-    cells_h = values.numel() // cells_w
     scale = (image_size[0] / cells_h, image_size[1] / cells_w)
     chosen = torch.cat([order[values.numel() - count :], order[:count]])
     points = _cell_centres(chosen, cells_w, scale, image_size).numpy()

@@ -58,11 +58,11 @@ def explain_words(model, image, caption: str, *, size=None, depth: int = 6) -> W
     tokens = F.normalize(tokens, dim=-1)
     full = model.encode_text([caption], templates=None)
     cosine = float(tokens[0, 0] @ full[0])
-    drops = []
-    for index in range(len(words)):
-        rest = " ".join(words[:index] + words[index + 1 :])
-        without = model.encode_text([rest], templates=None) if rest else None
-        drops.append(cosine - (float(tokens[0, 0] @ without[0]) if without is not None else 0.0))
+    # Every leave-one-out caption in one batched text forward (a one-word caption leaves "").
+    rests = [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))]
+    kept = [rest for rest in rests if rest]
+    without = dict(zip(kept, model.encode_text(kept, templates=None), strict=True)) if kept else {}
+    drops = [cosine - (float(tokens[0, 0] @ without[rest]) if rest else 0.0) for rest in rests]
     positive = [max(d, 0.0) for d in drops]
     total = sum(positive)
     shares = [p / total for p in positive] if total > 0 else [0.0] * len(words)
