@@ -16,7 +16,7 @@ import torch
 from timing import median_seconds
 
 import clip_surgery
-from clip_surgery import methods
+from clip_surgery import backbones, methods
 
 TEXTS = ["a cat", "the sky"]
 
@@ -36,9 +36,9 @@ def bench(architecture: str, size: int, repeats: int) -> list[dict]:
 
     base = median_seconds(baseline, repeats)
     rows = [{"method": "open_clip encode_image", "seconds": base, "ratio": 1.0}]
-    backbone = "vit" if wrapped.is_vit else "resnet"
+    family = backbones.family(wrapped.family)
     for name in methods.names():
-        if backbone not in methods.get(name).backbones:
+        if not methods.get(name).supports(family):
             continue
 
         def run(name=name):

@@ -175,7 +175,10 @@ def test_methods_listing(capsys):
         "chefer",
     ):
         assert f"\n{name} " in f"\n{text}"
-    assert "arXiv 2304.05653" in text and "backbones: vit, resnet" in text
+    assert (
+        "arXiv 2304.05653" in text
+        and "families: open_clip ViT, open_clip ModifiedResNet, transformers CLIP" in text
+    )
     assert main(["methods", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert {item["name"] for item in listing} >= {"gem", "chefer"}

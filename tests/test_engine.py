@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import make_resnet, perturb, random_images, relative_error
 
 import clip_surgery
-from clip_surgery.errors import ImageError, ModelError
+from clip_surgery.errors import ImageError, ModelError, OptionError
 
 TOLERANCE = 2e-4
 SIZES = [(224, 224), (448, 448), (224, 320)]
@@ -191,7 +191,7 @@ def test_training_mode_flags_restored_and_stats_untouched():
 
 
 def test_depth_out_of_range(vit_model):
-    with pytest.raises(ModelError, match="depth"):
+    with pytest.raises(OptionError, match="depth"):
         clip_surgery.wrap(vit_model).encode_image(random_images(1, 224, 224), depth=9)
 
 

@@ -247,8 +247,8 @@ def test_text_embeddings_computed_once_per_run(tmp_path, monkeypatch):
     make_segmentation(root, "context59", count=3)
     model = clip_surgery.wrap(make_vit(72))
     calls = []
-    original = model.encode_text
-    monkeypatch.setattr(model, "encode_text", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = model.query
+    monkeypatch.setattr(model, "query", lambda *a, **k: calls.append(1) or original(*a, **k))
     runner.evaluate_segmentation(model, "context59", root, method="clip_surgery", progress=False)
     assert len(calls) == 1
 

@@ -105,26 +105,21 @@ def test_clip_surgery_scores_apply_feature_surgery(wrapped):
     images = random_images(2, 224, 224, seed=5)
     text = wrapped.encode_text(["cat", "dog", "tree"])
     tokens = F.normalize(method_tokens(wrapped, images, "clip_surgery"), dim=-1)
-    for mode, redundant, expected in [
-        ("classes", None, clip_surgery.feature_surgery(tokens, text)),
-        (
-            "redundant",
-            None,
-            clip_surgery.feature_surgery(tokens, text, wrapped.redundant_feature()),
-        ),
-        ("off", None, tokens @ text.T),
-        (
-            "auto",
-            wrapped.redundant_feature(),
-            clip_surgery.feature_surgery(tokens, text, wrapped.redundant_feature()),
-        ),
+    redundant = wrapped.redundant_feature()
+    for mode, free_form, expected in [
+        ("classes", False, clip_surgery.feature_surgery(tokens, text)),
+        ("redundant", False, clip_surgery.feature_surgery(tokens, text, redundant)),
+        ("off", False, tokens @ text.T),
+        ("auto", True, clip_surgery.feature_surgery(tokens, text, redundant)),
+        ("auto", False, clip_surgery.feature_surgery(tokens, text)),
     ]:
         method = methods.get("clip_surgery")
+        query = methods.TextQuery(text, free_form, wrapped.redundant_feature)
         scores = method.scores(
-            wrapped, images, text, method.options(feature_surgery=mode), redundant
+            wrapped.backbone, images, query, method.options(feature_surgery=mode)
         )
         assert relative_error(scores.similarity, expected[:, 1:]) < 1e-5
-        assert relative_error(scores.logits, (tokens @ text.T)[:, 1:]) < 1e-5
+        assert relative_error(scores.token_scores, (tokens @ text.T)[:, 1:]) < 1e-5
 
 
 def test_gradcam_vit_matches_reference(vit, wrapped):
@@ -191,7 +186,10 @@ def test_resnet_support_and_errors():
         maps = wrapped.explain(images, ["a", "b"], method=name, templates=None).maps
         assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     for name in ("maskclip", "sclip", "clearclip", "naclip", "gem", "chefer"):
-        with pytest.raises(ModelError, match="needs a ViT"):
+        with pytest.raises(
+            ModelError,
+            match="changes transformer blocks and applies to open_clip ViT, transformers CLIP",
+        ):
             wrapped.explain(images, ["a"], method=name, templates=None)
     surgery = wrapped.encode_image(images, method="clip_surgery")
     assert relative_error(surgery, wrapped.encode_image(images)) < 1e-6
@@ -233,7 +231,7 @@ def test_registry_lists_every_method_with_citation():
     assert set(methods.names()) == expected
     for name in methods.names():
         described = methods.get(name).describe()
-        assert described["citation"] and described["summary"] and described["backbones"]
+        assert described["citation"] and described["summary"] and described["families"]
 
 
 def test_top_level_explain_is_model_explain(wrapped):

@@ -10,7 +10,7 @@ import torch
 from conftest import perturb, photo
 
 import clip_surgery
-from clip_surgery import cli, methods
+from clip_surgery import backbones, cli, methods
 
 pytestmark = pytest.mark.slow
 TEXTS = ["a cat", "the sky"]
@@ -54,10 +54,10 @@ def test_every_supported_method_through_the_cli(request, tmp_path, monkeypatch, 
     monkeypatch.setattr(cli, "load", lambda *args, **kwargs: model)
     image = tmp_path / "img.png"
     photo((120, 90)).save(image)
-    backbone = "vit" if model.is_vit else "resnet"
+    family = backbones.family(model.family)
     sizes = ["224", "448"] if model.is_vit else ["224"]
     for name in methods.names():
-        if backbone not in methods.get(name).backbones:
+        if not methods.get(name).supports(family):
             continue
         for size in sizes:
             out = tmp_path / f"{name}-{size}"

@@ -1,7 +1,8 @@
-"""clip-surgery: make CLIP explain itself.
+"""clip-surgery: make vision-language models explain themselves.
 
 CLIP Surgery (Li et al., "A Closer Look at the Explainability of Contrastive Language-Image
-Pre-training", Pattern Recognition 2025, arXiv 2304.05653) on open_clip models.
+Pre-training", Pattern Recognition 2025, arXiv 2304.05653) and its peers, on open_clip and
+Hugging Face transformers CLIP models, through one API.
 """
 
 from . import methods
@@ -11,19 +12,21 @@ from .errors import (
     ImageError,
     InputFileError,
     ModelError,
+    OptionError,
     TextError,
     WeightsUnavailableError,
 )
 from .features import feature_surgery, similarity_map
-from .methods import OptionError
-from .models import DEFAULT_TEMPLATES, Explanation, SurgeryModel, load, wrap
+from .loading import load, wrap
+from .model import Explanation, SurgeryModel
 from .points import points_for_targets, points_from_map
+from .text import DEFAULT_TEMPLATES
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def explain(model: SurgeryModel, images, texts, method: str = "clip_surgery", **options):
-    """Maps ``[B, T, H, W]`` in [0, 1] and dense logits of any registered method.
+    """Maps ``[B, T, H, W]`` in [0, 1] and dense scores of any registered method.
 
     The same as ``model.explain(images, texts, method=method, **options)``.
     """

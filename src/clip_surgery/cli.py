@@ -15,12 +15,12 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .errors import ClipSurgeryError, ImageError
-from .features import similarity_map
+from .errors import ClipSurgeryError, ImageError, OptionError
 from .images import list_images, open_image
-from .methods import DEFAULT_METHOD, METHODS, OptionError
+from .loading import load
+from .methods import DEFAULT_METHOD, METHODS
 from .methods import get as get_method
-from .models import SurgeryModel, load
+from .model import SurgeryModel
 from .text import check_texts
 from .viz import grid_figure, overlay, save_png
 
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_parsers(commands)
     listing = commands.add_parser("methods", help="list the explanation methods")
     listing.add_argument("--json", action="store_true", help="print the listing as JSON")
+    families = commands.add_parser("backbones", help="model families and the methods for each")
+    families.add_argument("--json", action="store_true", help="print the matrix as JSON")
     return parser
 
 
@@ -295,17 +297,49 @@ def run_methods(args: argparse.Namespace) -> int:
     for item in listing:
         options = ", ".join(f"{k}={v}" for k, v in item["options"].items()) or "no options"
         print(f"{item['name']:<13} {item['summary']}")
-        print(f"{'':<13} backbones: {', '.join(item['backbones'])}; options: {options}")
+        print(f"{'':<13} {item['kind']}; families: {', '.join(item['families'])}")
+        print(f"{'':<13} options: {options}")
         print(f"{'':<13} {item['citation']}")
+    return 0
+
+
+def run_backbones(args: argparse.Namespace) -> int:
+    """The ``backbones`` command: each family, what loads it, and which methods apply."""
+    from .backbones import FAMILIES
+
+    matrix = [
+        {
+            "family": family.name,
+            "loads": family.loads,
+            "methods": [m.name for m in METHODS.values() if m.supports(family)],
+        }
+        for family in FAMILIES
+    ]
+    if args.json:
+        print(json.dumps(matrix, indent=2))
+        return 0
+    names = list(METHODS)
+    print(f"{'family':<26} " + " ".join(f"{name:<12}" for name in names))
+    for row in matrix:
+        marks = " ".join(f"{'yes' if n in row['methods'] else '-':<12}" for n in names)
+        print(f"{row['family']:<26} {marks}")
+    print()
+    for row in matrix:
+        print(f"{row['family']}: {row['loads']}")
     return 0
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The model options every command shares."""
-    parser.add_argument("--model", help=f"open_clip or OpenAI model name (default {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        help=f"open_clip, OpenAI or hf-hub:ORG/NAME model name (default {DEFAULT_MODEL})",
+    )
     parser.add_argument("--pretrained", help="pretrained tag for --model (default: openai)")
     parser.add_argument(
-        "--checkpoint", type=Path, help="local weights file (.pt/.bin/.safetensors)"
+        "--checkpoint",
+        type=Path,
+        help="local weights file (.pt/.bin/.safetensors) or model folder",
     )
     parser.add_argument("--device", default="cpu", help="torch device (cpu)")
 
@@ -365,9 +399,7 @@ def run_explain(args: argparse.Namespace) -> int:
             images, texts, method=args.method, size=args.size, single=args.single, **options
         )
         for index, ((path, stem), image) in enumerate(zip(chunk, images, strict=True)):
-            maps = similarity_map(
-                result.similarity[index : index + 1], (image.height, image.width), result.grid
-            )[0]
+            maps = result.maps_at((image.height, image.width), image=index)
             outputs = {}
             for text, name, heatmap in zip(texts, text_slugs, maps, strict=True):
                 outputs[text] = str(
@@ -416,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands = {
             "explain": run_explain,
             "methods": run_methods,
+            "backbones": run_backbones,
             "eval": run_eval,
             "score": run_score,
             "segment": run_segment,

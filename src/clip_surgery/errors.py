@@ -29,3 +29,8 @@ class TextError(ClipSurgeryError):
 
 class DatasetError(ClipSurgeryError):
     """A dataset root does not have the expected layout, or a label file is unusable."""
+
+
+class OptionError(ClipSurgeryError):
+    """An unknown option, an option value of the wrong type or out of range, or conflicting
+    options."""

@@ -1,4 +1,4 @@
-"""Feature surgery and similarity maps (METHOD.md sections 4-5).
+"""Feature surgery and similarity maps (docs/method.md, sections 4-5).
 
 Feature surgery is from CLIP Surgery (Li et al., Pattern Recognition 2025, arXiv 2304.05653;
 github.com/xmed-lab/CLIP_Surgery). The reference materialises a ``[B, N, T, D]`` tensor and
@@ -25,9 +25,9 @@ def feature_surgery(
 
     With ``redundant`` (``[D]`` or ``[1, D]``, e.g. the embedding of ""): ``f @ (t - r)^T``.
     Without it (class-set mode): ``w_k s_k - mean_j(w_j s_j)`` with ``s = f @ t^T`` and
-    ``w = p / mean(p)``, ``p = softmax(2 s)``. ``weighting="cls"`` (METHOD.md) takes ``p`` from
-    each image's CLS token; ``weighting="token"`` takes it from every token, as the reference
-    code does.
+    ``w = p / mean(p)``, ``p = softmax(2 s)``. ``weighting="cls"`` takes ``p`` from each image's
+    CLS token, as the reference code does (``image_features[:, :1, :]``);
+    ``weighting="token"`` takes it from every token, as the reference's first commit did.
     """
     if image_tokens.dim() != 3 or text.dim() != 2 or image_tokens.shape[-1] != text.shape[-1]:
         raise ValueError(

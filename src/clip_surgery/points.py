@@ -1,4 +1,4 @@
-"""Text to point prompts for SAM (METHOD.md section 5).
+"""Text to point prompts for SAM (docs/method.md, section 5).
 
 After CLIP Surgery's reference ``similarity_map_to_points`` and its combined-target demo
 (Li et al., arXiv 2304.05653; github.com/xmed-lab/CLIP_Surgery).

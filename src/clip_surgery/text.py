@@ -7,7 +7,6 @@ from functools import cache
 from importlib.resources import files
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 
 from .errors import TextError
 
@@ -55,14 +54,57 @@ def prompts_for(text: str, templates: tuple[str, ...] | None) -> list[str]:
     return [text] if templates is None else [template.format(text) for template in templates]
 
 
-def tokenize(tokenizer, prompts: list[str], context_length: int) -> torch.Tensor:
-    """Tokenize prompts, raising TextError instead of silently truncating a long one."""
-    if isinstance(tokenizer, SimpleTokenizer):
+class PromptTokenizer:
+    """Any CLIP tokenizer behind one interface: ids ``[P, context]``, token counts, and a
+    TextError for a prompt that does not fit instead of silent truncation.
+
+    Takes open_clip's ``SimpleTokenizer`` (CLIP's BPE), open_clip's ``HFTokenizer`` and
+    Hugging Face ``transformers`` tokenizers.
+    """
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps one
+        self._hf = tokenizer if _is_transformers(tokenizer) else inner
+        if self._hf is not None and not _is_transformers(self._hf):
+            self._hf = None
+
+    def count(self, prompt: str) -> int:
+        """Tokens of ``prompt`` with the start and end tokens."""
+        if self._hf is not None:
+            return len(self._hf(prompt)["input_ids"])
+        return len(self.tokenizer.encode(prompt)) + 2
+
+    def pieces(self, word: str) -> int:
+        """Tokens of ``word`` alone, without start and end tokens."""
+        if self._hf is not None:
+            return len(self._hf(word, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer.encode(word))
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids ``[P, context_length]`` (long)."""
         for prompt in prompts:
-            count = len(tokenizer.encode(prompt)) + 2
-            if count > context_length:
+            count = self.count(prompt)
+            if count > self.context_length:
                 raise TextError(
                     f"text too long: {prompt[:60]!r}... has {count} tokens, "
-                    f"the model's context holds {context_length}"
+                    f"the model's context holds {self.context_length}"
                 )
-    return tokenizer(prompts)
+        if _is_transformers(self.tokenizer):
+            encoded = self.tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=self.context_length,
+                return_tensors="pt",
+            )
+            return encoded["input_ids"].long()
+        return self.tokenizer(prompts).long()
+
+
+def _is_transformers(tokenizer) -> bool:
+    return type(tokenizer).__module__.startswith("transformers.")
+
+
+DEFAULT_TEMPLATES: tuple[str, ...] = default_templates()
+"""The default prompt ensemble (docs/method.md, section 6)."""

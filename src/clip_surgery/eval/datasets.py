@@ -1,6 +1,6 @@
 """Dataset readers for the on-disk layouts users already have (MMSegmentation convention).
 
-Layouts and label conventions follow ``PROTOCOLS.md``; class names (with synonyms) are package
+Layouts and label conventions: docs/protocols.md; class names (with synonyms) are package
 data in ``clip_surgery/data/classes``.
 """
 

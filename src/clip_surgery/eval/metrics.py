@@ -1,4 +1,4 @@
-"""Segmentation, explainability and multi-label metrics (PROTOCOLS.md, "Metrics")."""
+"""Segmentation, explainability and multi-label metrics (docs/protocols.md, "Metrics")."""
 
 from __future__ import annotations
 

@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 from ..errors import DatasetError
+from ..tasks.segment import Preset
 
-
-@dataclass(frozen=True)
-class Preset:
-    """How images are resized, windowed and turned into labels.
-
-    ``short_side``: keep-ratio resize so the short side is this (long side capped at
-    ``long_side``); or ``square``: resize the whole image to ``square x square``. ``window`` /
-    ``stride``: sliding windows over the resized image (``None``: one forward of the whole image).
-    Per pixel: softmax(``logit_scale`` x cosine) over all names, max over a class's names;
-    classes covering less than ``area_threshold`` of the foreground and pixels whose top
-    probability is below ``prob_threshold`` become class 0 (datasets with a background class).
-    """
-
-    name: str
-    short_side: int | None = 336
-    long_side: int = 2048
-    square: int | None = None
-    window: int | None = 224
-    stride: int = 112
-    logit_scale: float = 40.0
-    prob_threshold: float = 0.0
-    area_threshold: float | None = None
-    templates: int = 80  # the first 80 default templates: OpenAI's ImageNet ensemble
-
-    def settings(self) -> dict:
-        """Every value, for the results file."""
-        return dataclasses.asdict(self)
-
-
-# PROTOCOLS.md: the SCLIP-family settings per dataset: (short side, background threshold,
-# logit scale, area threshold).
+# The SCLIP-family settings per dataset (docs/protocols.md, "Segmentation settings"):
+# (short side, background threshold, logit scale, area threshold).
 SCLIP_TABLE = {
     "voc21": (336, 0.1, 65.0, 0.1),
     "context60": (336, 0.1, 50.0, None),
@@ -55,7 +26,7 @@ PRESETS = ("sclip", "clip_surgery", "clearclip", "naclip", "gem")
 def preset_for(name: str, dataset: str) -> Preset:
     """The preset ``name`` for ``dataset``.
 
-    ``sclip``: PROTOCOLS.md's table (SCLIP's configs). ``clip_surgery``: CLIP Surgery's
+    ``sclip``: the table of docs/protocols.md (SCLIP's configs). ``clip_surgery``: CLIP Surgery's
     whole-image setting, the image resized to 448 x 448 and one forward (thresholds as sclip).
     ``clearclip``: short side 448, windows of 448 with stride 224. ``naclip``: sclip's, without
     windows on VOC. ``gem``: the whole image at 448 x 448 (GEM's evaluation).

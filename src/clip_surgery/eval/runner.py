@@ -22,10 +22,9 @@ from tqdm import tqdm
 
 from .. import methods
 from ..errors import DatasetError
-from ..features import similarity_map
 from ..images import open_image
-from ..models import DEFAULT_TEMPLATES
 from ..tasks.segment import ClassQueries, segment
+from ..text import DEFAULT_TEMPLATES
 from .datasets import IGNORE, MULTILABEL, multilabel_dataset, segmentation_dataset
 from .metrics import ConfusionMatrix, ExplainabilityMeter, mean_average_precision
 from .presets import PRESETS, preset_for
@@ -110,7 +109,7 @@ def evaluate_explainability(
     root,
     method: str = "clip_surgery",
     options=None,
-    size: int = 224,
+    size: int | None = None,
     single: bool = False,
     limit: int | None = None,
     out: Path | None = None,
@@ -137,8 +136,7 @@ def evaluate_explainability(
             single=single,
             **asdict(options),
         )
-        columns = [c - first for c in present]
-        maps = similarity_map(result.similarity[:, :, columns], tuple(label.shape), result.grid)[0]
+        maps = result.maps_at(tuple(label.shape), image=0, texts=[c - first for c in present])
         for heatmap, cls in zip(maps, present, strict=True):
             meter.update(heatmap, label == cls, label != IGNORE)
     results = {
@@ -167,12 +165,9 @@ def evaluate_multilabel(
     progress: bool = True,
     batch: int = 8,
 ) -> dict:
-    """mAP of zero-shot class scores: ``raw`` (CLIP's softmax) or ``clip_surgery`` (plus the best
-    patch's score from the surgery tokens; see ``tasks.classify``)."""
+    """mAP of zero-shot class scores of any method (see ``tasks.classify.class_scores``)."""
     from ..tasks.classify import class_scores
 
-    if method not in ("raw", "clip_surgery"):
-        raise DatasetError("multi-label scores are defined for methods raw and clip_surgery")
     data = multilabel_dataset(dataset, root)
     options = options if options is not None else methods.get(method).options()
     count = min(limit, len(data.samples)) if limit else len(data.samples)
@@ -181,7 +176,7 @@ def evaluate_multilabel(
     started = time.perf_counter()
     for begin in _progress(range(0, count, batch), progress, dataset):
         chunk = [open_image(s.image) for s in data.samples[begin : min(begin + batch, count)]]
-        found = class_scores(model, chunk, labels, surgery=method == "clip_surgery", size=size)
+        found = class_scores(model, chunk, labels, method=method, options=options, size=size)
         scores.append(found.cpu().numpy())
     results = {
         **_header(model, dataset, method, options),

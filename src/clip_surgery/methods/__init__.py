@@ -1,9 +1,22 @@
-"""The registry of explanation methods: ``clip_surgery.methods.get(name)``."""
+"""The registry of explanation methods: ``clip_surgery.methods.get(name)``.
+
+A new method is one file: a ``ForwardMethod`` with a ``plan`` (or a ``GradientMethod``), then
+``register(MyMethod())``.
+"""
 
 from __future__ import annotations
 
-from ..errors import ModelError
-from .base import Method, NoOptions, OptionError, Scores, parse_options
+from ..errors import ModelError, OptionError
+from .base import (
+    ForwardMethod,
+    GradientMethod,
+    Method,
+    NoOptions,
+    Scores,
+    TextQuery,
+    pairwise,
+    parse_options,
+)
 from .chefer import Chefer
 from .clearclip import ClearClip
 from .clip_surgery import ClipSurgery
@@ -14,21 +27,19 @@ from .naclip import Naclip
 from .raw import Raw
 from .sclip import Sclip
 
-METHODS: dict[str, Method] = {
-    method.name: method
-    for method in (
-        Raw(),
-        ClipSurgery(),
-        MaskClip(),
-        Sclip(),
-        ClearClip(),
-        Naclip(),
-        Gem(),
-        GradCam(),
-        Chefer(),
-    )
-}
+METHODS: dict[str, Method] = {}
 DEFAULT_METHOD = "clip_surgery"
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry under its ``name`` (replacing one of that name)."""
+    METHODS[method.name] = method
+    return method
+
+
+for _method in (Raw(), ClipSurgery(), MaskClip(), Sclip(), ClearClip(), Naclip(), Gem(),
+                GradCam(), Chefer()):  # fmt: skip
+    register(_method)
 
 
 def names() -> list[str]:
@@ -36,8 +47,10 @@ def names() -> list[str]:
     return list(METHODS)
 
 
-def get(name: str) -> Method:
+def get(name: str | Method) -> Method:
     """The method called ``name``; ModelError listing the known ones otherwise."""
+    if isinstance(name, Method):
+        return name
     try:
         return METHODS[name]
     except KeyError:
@@ -47,11 +60,16 @@ def get(name: str) -> Method:
 __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
+    "ForwardMethod",
+    "GradientMethod",
     "Method",
     "NoOptions",
     "OptionError",
     "Scores",
+    "TextQuery",
     "get",
     "names",
+    "pairwise",
     "parse_options",
+    "register",
 ]

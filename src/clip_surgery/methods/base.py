@@ -1,22 +1,30 @@
-"""What every explanation method provides, and typed option parsing."""
+"""The two kinds of method (forward and gradient), what they return, and typed options.
+
+A forward method is its options, a citation and a ``plan`` (engine.Plan: which blocks get
+which attention callable); the engine runs it over any backbone adapter. A gradient method
+runs the model's own forward with taps and differentiates the image-text score.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import engine
-from ..errors import ClipSurgeryError, ModelError
-
-
-class OptionError(ClipSurgeryError):
-    """An unknown option, or an option value of the wrong type or out of range."""
+from ..backbones import FAMILIES, Backbone, Family
+from ..backbones.base import Attention, AttentionContext, VisionTower
+from ..errors import ModelError, OptionError
+from ..typedefs import Grid
 
 
 @dataclass(frozen=True)
@@ -25,75 +33,149 @@ class NoOptions:
 
 
 @dataclass
+class TextQuery:
+    """Normalised text embeddings ``[T, D]`` and how to read them.
+
+    ``free_form``: the texts are free-form queries (CLIP Surgery removes the redundant
+    feature ``redundant()``, the empty string's embedding under the same templates), not a
+    class set.
+    """
+
+    embeddings: Tensor
+    free_form: bool = False
+    redundant_feature: Callable[[], Tensor] | None = None
+
+    def redundant(self) -> Tensor:
+        """The empty string's embedding ``[1, D]`` under the templates of ``embeddings``."""
+        if self.redundant_feature is None:
+            raise ModelError("this text query has no redundant feature")
+        return self.redundant_feature()
+
+
+@dataclass
 class Scores:
     """Per-patch scores of B images against T texts."""
 
-    similarity: torch.Tensor  # [B, N, T]: what the maps are made from
-    logits: torch.Tensor  # [B, N, T]: dense per-token scores for segmentation (argmax)
-    cosine: torch.Tensor  # [B, T]: cosine of the method's CLS token with each text
-    grid: tuple[int, int]
+    similarity: Tensor  # [B, N, T]: what the maps are made from
+    token_scores: Tensor  # [B, N, T]: dense per-token scores for segmentation (argmax over T)
+    cosine: Tensor  # [B, T]: cosine of the method's image embedding with each text
+    grid: Grid
+
+    @property
+    def logits(self) -> Tensor:
+        """Deprecated name of ``token_scores``."""
+        warnings.warn("Scores.logits is now token_scores", DeprecationWarning, stacklevel=2)
+        return self.token_scores
+
+
+def pairwise(kind: str) -> Attention:
+    """``softmax(a b^T / sqrt(d)) v`` with a, b taken from q, k, v by ``kind`` (``"vv"``, ...)."""
+    first, second = "qkv".index(kind[0]), "qkv".index(kind[1])
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, context: AttentionContext) -> Tensor:
+        sources = (q, k, v)
+        return F.scaled_dot_product_attention(sources[first], sources[second], v)
+
+    return attention
 
 
 class Method:
-    """Base class: a name, a citation, typed options, and how to score patches against texts.
-
-    Forward methods set ``policy`` (the ViT's last blocks) and inherit everything else;
-    gradient methods override ``scores``.
-    """
+    """What every method has: a name, a citation, typed options, and scores."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     citation: ClassVar[str]
-    backbones: ClassVar[tuple[str, ...]] = ("vit",)
+    needs_blocks: ClassVar[bool] = True  # False: also runs on towers without blocks (ResNet)
     gradient: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def options(self, **values: Any):
-        """Build this method's options, converting strings (from the CLI) to the field types."""
+        """This method's options; strings (from the CLI) are converted to the field types."""
         return parse_options(self.Options, values, self.name)
 
-    def check_backbone(self, model) -> None:
-        """Raise ModelError when the model's visual tower is not one this method supports."""
-        backbone = "vit" if model.is_vit else "resnet"
-        if backbone not in self.backbones:
-            kind = "ViT" if "vit" in self.backbones else "ResNet"
-            raise ModelError(f"method {self.name!r} needs a {kind}; this model is a ModifiedResNet")
+    def supports(self, family: Family) -> bool:
+        """True when this method applies to models of ``family``."""
+        return family.has_blocks or not self.needs_blocks
 
-    def policy(self, options) -> engine.Policy:
-        """The ViT policy of a forward method."""
-        raise ModelError(f"method {self.name!r} does not change the forward; it has no tokens")
+    def families(self) -> list[str]:
+        """The names of the families this method applies to."""
+        return [family.name for family in FAMILIES if self.supports(family)]
 
-    def encode(self, model, images: torch.Tensor, options) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The method's projected tokens ``[B, 1+N, D]`` (CLS first, not normalized), grid."""
-        self.check_backbone(model)
-        if self.gradient:
-            raise ModelError(f"method {self.name!r} uses gradients; it has no token forward")
-        with model.inference():
-            if model.is_vit:
-                return engine.encode_vit(model.clip.visual, images, self.policy(options))
-            return self.encode_resnet(model, images, options)
+    def check(self, backbone: Backbone) -> None:
+        """ModelError naming the supported families when this method cannot run on the model."""
+        if self.needs_blocks and not backbone.vision.blocks:
+            raise ModelError(
+                f"method {self.name!r} changes transformer blocks and applies to "
+                f"{', '.join(self.families())}; this model is {backbone.family}"
+            )
 
-    def encode_resnet(self, model, images, options):
-        """ResNet tokens; only methods that list ``resnet`` in ``backbones`` get here."""
-        return engine.encode_tokens(model.clip.visual, images, depth=0)
-
-    def scores(self, model, images, text, options, redundant=None) -> Scores:
-        """Cosine of the method's normalized patch tokens with each text."""
-        tokens, grid = self.encode(model, images, options)
-        tokens = F.normalize(tokens.float(), dim=-1)
-        logits = tokens[:, 1:] @ text.T
-        return Scores(logits, logits, tokens[:, 0] @ text.T, grid)
+    def scores(
+        self, backbone: Backbone, images: Tensor, query: TextQuery, options
+    ) -> Scores:  # pragma: no cover - every subclass overrides it
+        """Per-patch scores of ``images`` against ``query``."""
+        raise NotImplementedError
 
     def describe(self) -> dict:
-        """Name, summary, citation, backbones and options with their defaults, for listings."""
+        """Name, summary, citation, families and options with their defaults, for listings."""
         fields = {f.name: f.default for f in dataclasses.fields(self.Options)}
         return {
             "name": self.name,
             "summary": self.summary,
             "citation": self.citation,
-            "backbones": list(self.backbones),
+            "kind": "gradient" if self.gradient else "forward",
+            "families": self.families(),
             "options": fields,
         }
+
+
+class ForwardMethod(Method):
+    """A method that changes the forward: ``plan`` says how; scores are cosines of its tokens."""
+
+    def plan(self, options, tower: VisionTower) -> engine.Plan:  # pragma: no cover
+        """The engine plan for ``options`` on ``tower``."""
+        raise NotImplementedError
+
+    def encode(self, backbone: Backbone, images: Tensor, options) -> engine.Trace:
+        """The method's image embedding and dense tokens (projected, not normalised)."""
+        self.check(backbone)
+        plan = self.plan(options, backbone.vision)
+        with backbone.inference():
+            trace = engine.run(backbone.vision, images, plan)
+        return engine.Trace(trace.pooled.float(), trace.dense.float(), trace.grid)
+
+    def scores(self, backbone: Backbone, images: Tensor, query: TextQuery, options) -> Scores:
+        """Cosine of the normalised patch tokens (and image embedding) with each text."""
+        trace = self.encode(backbone, images, options)
+        text = query.embeddings
+        dense = F.normalize(trace.dense, dim=-1) @ text.T
+        return Scores(dense, dense, F.normalize(trace.pooled, dim=-1) @ text.T, trace.grid)
+
+
+class GradientMethod(Method):
+    """A method that differentiates the image-text score; it has no token forward."""
+
+    gradient = True
+
+    def encode(self, backbone: Backbone, images: Tensor, options) -> engine.Trace:
+        """Gradient methods have no tokens of their own."""
+        raise ModelError(f"method {self.name!r} uses gradients; it has no token forward")
+
+    @staticmethod
+    def cosine(trace: engine.Trace, text: Tensor) -> Tensor:
+        """Cosine ``[B, T]`` of the (differentiable) image embedding with each text."""
+        return F.normalize(trace.pooled.float(), dim=-1) @ text.T
+
+    @staticmethod
+    def per_text(score: Tensor, inputs, compute: Callable[..., Tensor]) -> Tensor:
+        """``compute(gradients)`` for each text column of ``score`` ``[B, T]``: ``[B, N, T]``."""
+        columns = score.shape[1]
+        results = []
+        for index in range(columns):
+            gradients = torch.autograd.grad(
+                score[:, index].sum(), inputs, retain_graph=index < columns - 1
+            )
+            results.append(compute(gradients))
+        return torch.stack(results, dim=-1).detach().float()
 
 
 def parse_options(options_type: type, values: dict[str, Any], method: str):
@@ -105,7 +187,10 @@ def parse_options(options_type: type, values: dict[str, Any], method: str):
         raise OptionError(f"unknown option(s) {', '.join(unknown)} for {method!r}; known: {known}")
     hints = typing.get_type_hints(options_type)
     converted = {name: _convert(name, value, hints[name], method) for name, value in values.items()}
-    return options_type(**converted)
+    try:
+        return options_type(**converted)
+    except (ValueError, TypeError) as error:  # an Options.__post_init__ range check
+        raise OptionError(f"{method!r}: {error}") from None
 
 
 def _convert(name: str, value: Any, hint, method: str):
@@ -127,8 +212,11 @@ def _convert(name: str, value: Any, hint, method: str):
             raise ValueError(value)
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
-        return hint(value)
+        converted = hint(value)
     except (TypeError, ValueError):
         raise OptionError(
             f"option {name} of {method!r} must be {hint.__name__}, got {value!r}"
         ) from None
+    if hint is float and not math.isfinite(converted):
+        raise OptionError(f"option {name} of {method!r} must be a finite number, got {value!r}")
+    return converted

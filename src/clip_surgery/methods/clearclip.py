@@ -10,20 +10,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .. import engine
-from .base import Method
+from ..typedefs import PositionMode
+from .base import ForwardMethod, pairwise
 
 
 @dataclass(frozen=True)
 class ClearClipOptions:
-    """residual / ffn: ClearCLIP drops both; attention: ``qq`` (paper) or ``qk``/``kk``."""
+    """residual / ffn: ClearCLIP drops both; attention: ``qq`` (paper) or ``qk``/``kk``/``vv``."""
 
     attention: Literal["qq", "qk", "kk", "vv"] = "qq"
     residual: bool = False
     ffn: bool = False
-    positions: Literal["bilinear", "bicubic-dino", "bicubic-antialias"] = "bicubic-dino"
+    positions: PositionMode = "bicubic-dino"
 
 
-class ClearClip(Method):
+class ClearClip(ForwardMethod):
     """ClearCLIP (Lan et al., ECCV 2024)."""
 
     name = "clearclip"
@@ -34,12 +35,11 @@ class ClearClip(Method):
     )
     Options = ClearClipOptions
 
-    def policy(self, options: ClearClipOptions) -> engine.Policy:
+    def plan(self, options: ClearClipOptions, tower) -> engine.Plan:
         """Self (q-q) attention only in the last block."""
-        return engine.Policy(
-            kind="replace",
+        return engine.Plan(
             blocks=1,
-            attention=options.attention,
+            attention=pairwise(options.attention),
             residual=options.residual,
             ffn=options.ffn,
             positions=options.positions,

@@ -1,7 +1,8 @@
-"""CLIP Surgery: architecture surgery (dual path) plus feature surgery.
+"""CLIP Surgery: architecture surgery (a parallel v-v path) plus feature surgery.
 
 Li et al., "A Closer Look at the Explainability of Contrastive Language-Image Pre-training",
 Pattern Recognition 2025 (arXiv 2304.05653); reference code github.com/xmed-lab/CLIP_Surgery.
+What is computed: docs/method.md, sections 2-4.
 """
 
 from __future__ import annotations
@@ -9,30 +10,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 
 from .. import engine
+from ..errors import OptionError
 from ..features import feature_surgery
-from .base import Method, Scores
+from ..typedefs import PositionMode
+from .base import ForwardMethod, Scores, TextQuery, pairwise
 
 
 @dataclass(frozen=True)
 class ClipSurgeryOptions:
     """depth: blocks with the new path; attention: v-v (paper) or q-k/k-k/q-q (ablation);
     ffn: also run each block's FFN on the new path (ablation); feature_surgery: ``auto``
-    (class set, or the empty-string redundancy when ``single``), ``classes``, ``redundant``,
-    ``off``; weighting: class-set weights from the ``cls`` token (METHOD.md) or every
-    ``token`` (reference code); positions: positional-table interpolation."""
+    (class set, or the empty-string redundancy for free-form queries), ``classes``,
+    ``redundant``, ``off``; weighting: class-set weights from the ``cls`` token (the
+    reference's code) or every ``token`` (its first commit); positions: positional-table
+    interpolation."""
 
     depth: int = 6
     attention: Literal["vv", "qk", "kk", "qq"] = "vv"
     ffn: bool = False
     feature_surgery: Literal["auto", "classes", "redundant", "off"] = "auto"
     weighting: Literal["cls", "token"] = "cls"
-    positions: Literal["bilinear", "bicubic-dino", "bicubic-antialias"] = "bilinear"
+    positions: PositionMode = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.depth < 0:
+            raise ValueError(f"option depth must be >= 0, got {self.depth}")
 
 
-class ClipSurgery(Method):
+DEFAULT_DEPTH = ClipSurgeryOptions.depth
+
+
+class ClipSurgery(ForwardMethod):
     """CLIP Surgery (Li et al., Pattern Recognition 2025, arXiv 2304.05653)."""
 
     name = "clip_surgery"
@@ -41,39 +53,42 @@ class ClipSurgery(Method):
         "Li et al., A Closer Look at the Explainability of Contrastive Language-Image "
         "Pre-training, Pattern Recognition 2025 (arXiv 2304.05653)"
     )
-    backbones = ("vit", "resnet")
+    needs_blocks = False
     Options = ClipSurgeryOptions
 
-    def policy(self, options: ClipSurgeryOptions) -> engine.Policy:
-        """A dual path over the last ``depth`` blocks, CLS from the original path."""
-        if options.depth == 0:
-            return engine.Policy(positions=options.positions)
-        return engine.Policy(
-            kind="dual",
+    def plan(self, options: ClipSurgeryOptions, tower) -> engine.Plan:
+        """A parallel path over the last ``depth`` blocks, the embedding from the original path;
+        on a tower without blocks (ResNet), the attention pool's dense tokens use the attention."""
+        attention = pairwise(options.attention)
+        if not tower.blocks:
+            head = attention if options.depth else None
+            return engine.Plan(head_attention=head, positions=options.positions)
+        if options.depth > len(tower.blocks):
+            raise OptionError(
+                f"option depth of 'clip_surgery' must be in [0, {len(tower.blocks)}] for this "
+                f"model, got {options.depth}"
+            )
+        return engine.Plan(
             blocks=options.depth,
-            attention=options.attention,
+            attention=attention,
+            parallel=True,
             ffn=options.ffn,
             positions=options.positions,
         )
 
-    def encode_resnet(self, model, images, options: ClipSurgeryOptions):
-        """The v-v attention pool (the ResNet has no depth or attention knobs)."""
-        return engine.encode_tokens(model.clip.visual, images, depth=1 if options.depth else 0)
-
-    def scores(self, model, images, text, options: ClipSurgeryOptions, redundant=None) -> Scores:
-        """Feature surgery on the surgery tokens; logits are the plain cosines (for argmax)."""
-        tokens, grid = self.encode(model, images, options)
-        tokens = F.normalize(tokens.float(), dim=-1)
+    def scores(self, backbone, images, query: TextQuery, options: ClipSurgeryOptions) -> Scores:
+        """Feature surgery on the surgery tokens; token scores are their plain cosines."""
+        trace = self.encode(backbone, images, options)
+        tokens = F.normalize(torch.cat([trace.pooled[:, None], trace.dense], dim=1), dim=-1)
+        text = query.embeddings
         mode = options.feature_surgery
         if mode == "auto":
-            mode = "redundant" if redundant is not None else "classes"
+            mode = "redundant" if query.free_form else "classes"
         if mode == "redundant":
-            if redundant is None:
-                redundant = model.redundant_feature()
-            similarity = feature_surgery(tokens, text, redundant)
+            similarity = feature_surgery(tokens, text, query.redundant())
         elif mode == "classes":
             similarity = feature_surgery(tokens, text, weighting=options.weighting)
         else:
             similarity = tokens @ text.T
-        logits = tokens[:, 1:] @ text.T
-        return Scores(similarity[:, 1:], logits, tokens[:, 0] @ text.T, grid)
+        cosine = tokens @ text.T
+        return Scores(similarity[:, 1:], cosine[:, 1:], cosine[:, 0], trace.grid)

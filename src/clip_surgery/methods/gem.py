@@ -8,10 +8,14 @@ blocks; ``ss_attn_iter=1``; temperature from the mean token norm when not given)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+
+import torch
+import torch.nn.functional as F
 
 from .. import engine
-from .base import Method
+from ..errors import OptionError
+from ..typedefs import PositionMode
+from .base import ForwardMethod
 
 
 @dataclass(frozen=True)
@@ -22,11 +26,31 @@ class GemOptions:
     depth: int = 6
     iterations: int = 1
     temperature: float | None = None
-    positions: Literal["bilinear", "bicubic-dino", "bicubic-antialias"] = "bicubic-antialias"
+    positions: PositionMode = "bicubic-antialias"
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"option iterations must be >= 0, got {self.iterations}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"option temperature must be positive, got {self.temperature}")
 
 
-class Gem(Method):
-    """GEM (Bousselham et al., CVPR 2024); tokens (CLS included) come from the GEM path."""
+def self_self(q, k, v, normed, iterations: int, temperature: float | None):
+    """GEM's self-self attention: v-v, k-k and q-q paths, normalised and iterated, averaged."""
+    if temperature is None:
+        temperature = normed.norm(dim=-1).mean(dim=-1).view(-1, 1, 1, 1) * q.shape[-1] ** -0.5
+    outputs = []
+    for x in (v, k, q):
+        for _ in range(iterations):
+            x = F.normalize(x, dim=-1)
+            x = torch.softmax(x @ x.transpose(-1, -2) * temperature, dim=-1) @ x
+        x = F.normalize(x, dim=-1)
+        outputs.append(torch.softmax(x @ x.transpose(-1, -2) * temperature, dim=-1) @ v)
+    return sum(outputs) / 3
+
+
+class Gem(ForwardMethod):
+    """GEM (Bousselham et al., CVPR 2024); its image embedding comes from the GEM path too."""
 
     name = "gem"
     summary = "parallel self-self (q-q, k-k, v-v) attention path with normalisation and temperature"
@@ -36,14 +60,22 @@ class Gem(Method):
     )
     Options = GemOptions
 
-    def policy(self, options: GemOptions) -> engine.Policy:
-        """A dual path with self-self attention whose CLS is its own."""
-        return engine.Policy(
-            kind="dual",
+    def plan(self, options: GemOptions, tower) -> engine.Plan:
+        """A parallel path with self-self attention whose CLS is its own."""
+        if not 1 <= options.depth <= len(tower.blocks):
+            raise OptionError(
+                f"option depth of 'gem' must be in [1, {len(tower.blocks)}] for this model, "
+                f"got {options.depth}"
+            )
+
+        def attention(q, k, v, context):
+            return self_self(q, k, v, context.normed, options.iterations, options.temperature)
+
+        return engine.Plan(
             blocks=options.depth,
-            attention="self-self",
-            cls="new",
-            self_self_iterations=options.iterations,
-            self_self_temperature=options.temperature,
+            attention=attention,
+            parallel=True,
+            ffn=False,
+            pooled_from="new",
             positions=options.positions,
         )

@@ -1,15 +1,21 @@
 """MaskCLIP: the last block's attention replaced by its value path (no query-key attention).
 
-Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022; code github.com/chongzhou96/MaskCLIP.
+Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022; code
+github.com/chongzhou96/MaskCLIP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from .. import engine
-from .base import Method
+from ..typedefs import PositionMode
+from .base import ForwardMethod
+
+
+def values(q, k, v, context):
+    """Each token attends to itself only: the output is its own value."""
+    return v
 
 
 @dataclass(frozen=True)
@@ -18,10 +24,10 @@ class MaskClipOptions:
 
     residual: bool = True
     ffn: bool = True
-    positions: Literal["bilinear", "bicubic-dino", "bicubic-antialias"] = "bilinear"
+    positions: PositionMode = "bilinear"
 
 
-class MaskClip(Method):
+class MaskClip(ForwardMethod):
     """MaskCLIP (Zhou et al., ECCV 2022) on a ViT: last block ``x + out_proj(v)`` then FFN."""
 
     name = "maskclip"
@@ -29,12 +35,11 @@ class MaskClip(Method):
     citation = "Zhou et al., Extract Free Dense Labels from CLIP, ECCV 2022"
     Options = MaskClipOptions
 
-    def policy(self, options: MaskClipOptions) -> engine.Policy:
-        """Replace the last block's attention with the identity over values."""
-        return engine.Policy(
-            kind="replace",
+    def plan(self, options: MaskClipOptions, tower) -> engine.Plan:
+        """The last block's attention becomes the identity over values."""
+        return engine.Plan(
             blocks=1,
-            attention="identity",
+            attention=values,
             residual=options.residual,
             ffn=options.ffn,
             positions=options.positions,

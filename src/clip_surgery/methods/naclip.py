@@ -8,10 +8,25 @@ Segmentation", WACV 2025; code github.com/sinahmr/NACLIP (``arch='reduced'``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+
+import torch
+import torch.nn.functional as F
 
 from .. import engine
-from .base import Method, OptionError
+from ..typedefs import PositionMode
+from .base import ForwardMethod
+
+
+def neighbourhood_bias(grid, prefix: int, std: float, device, dtype) -> torch.Tensor:
+    """An additive Gaussian window over patch distances; zero for the prefix rows/columns."""
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
+    )
+    cells = torch.stack([rows.flatten(), cols.flatten()], dim=1).to(torch.float32)
+    squared = torch.cdist(cells, cells).pow(2)
+    bias = torch.zeros(len(cells) + prefix, len(cells) + prefix, device=device)
+    bias[prefix:, prefix:] = torch.exp(-squared / (2 * std**2))
+    return bias.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -21,10 +36,14 @@ class NaclipOptions:
     gaussian_std: float = 5.0
     residual: bool = False
     ffn: bool = False
-    positions: Literal["bilinear", "bicubic-dino", "bicubic-antialias"] = "bicubic-dino"
+    positions: PositionMode = "bicubic-dino"
+
+    def __post_init__(self) -> None:
+        if not self.gaussian_std > 0:
+            raise ValueError(f"option gaussian_std must be positive, got {self.gaussian_std}")
 
 
-class Naclip(Method):
+class Naclip(ForwardMethod):
     """NACLIP (Hajimiri et al., WACV 2025)."""
 
     name = "naclip"
@@ -35,16 +54,19 @@ class Naclip(Method):
     )
     Options = NaclipOptions
 
-    def policy(self, options: NaclipOptions) -> engine.Policy:
+    def plan(self, options: NaclipOptions, tower) -> engine.Plan:
         """Neighbourhood-aware k-k attention in the last block."""
-        if options.gaussian_std <= 0:
-            raise OptionError("option gaussian_std of 'naclip' must be positive")
-        return engine.Policy(
-            kind="replace",
+
+        def attention(q, k, v, context):
+            bias = neighbourhood_bias(
+                context.grid, context.prefix, options.gaussian_std, q.device, q.dtype
+            )
+            return F.scaled_dot_product_attention(k, k, v, attn_mask=bias)
+
+        return engine.Plan(
             blocks=1,
-            attention="neighbourhood",
+            attention=attention,
             residual=options.residual,
             ffn=options.ffn,
-            gaussian_std=options.gaussian_std,
             positions=options.positions,
         )

@@ -1,13 +1,17 @@
-"""Raw CLIP: cosine of the plain model's projected patch tokens (the baseline)."""
+"""Raw CLIP: cosine of the plain model's projected patch tokens (the baseline).
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision",
+ICML 2021; code github.com/openai/CLIP.
+"""
 
 from __future__ import annotations
 
 from .. import engine
-from .base import Method
+from .base import ForwardMethod
 
 
-class Raw(Method):
-    """Raw CLIP (Radford et al., ICML 2021): its maps are often opposite (background-heavy)."""
+class Raw(ForwardMethod):
+    """Raw CLIP: its maps are often opposite (background-heavy)."""
 
     name = "raw"
     summary = "cosine of the plain model's projected patch tokens (the baseline)"
@@ -15,8 +19,8 @@ class Raw(Method):
         "Radford et al., Learning Transferable Visual Models From Natural "
         "Language Supervision, ICML 2021"
     )
-    backbones = ("vit", "resnet")
+    needs_blocks = False
 
-    def policy(self, options) -> engine.Policy:
+    def plan(self, options, tower) -> engine.Plan:
         """The model as is."""
         return engine.PLAIN

@@ -8,10 +8,17 @@ interpolates positions bicubically with DINO's scale-factor trick).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+
+import torch.nn.functional as F
 
 from .. import engine
-from .base import Method
+from ..typedefs import PositionMode
+from .base import ForwardMethod
+
+
+def correlative(q, k, v, context):
+    """Correlative self-attention: query-query plus key-key attention over the values."""
+    return F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
 
 
 @dataclass(frozen=True)
@@ -20,10 +27,10 @@ class SclipOptions:
 
     residual: bool = True
     ffn: bool = True
-    positions: Literal["bilinear", "bicubic-dino", "bicubic-antialias"] = "bicubic-dino"
+    positions: PositionMode = "bicubic-dino"
 
 
-class Sclip(Method):
+class Sclip(ForwardMethod):
     """SCLIP (Wang et al., ECCV 2024)."""
 
     name = "sclip"
@@ -34,12 +41,11 @@ class Sclip(Method):
     )
     Options = SclipOptions
 
-    def policy(self, options: SclipOptions) -> engine.Policy:
+    def plan(self, options: SclipOptions, tower) -> engine.Plan:
         """Correlative self-attention in the last block."""
-        return engine.Policy(
-            kind="replace",
+        return engine.Plan(
             blocks=1,
-            attention="csa",
+            attention=correlative,
             residual=options.residual,
             ffn=options.ffn,
             positions=options.positions,

@@ -12,22 +12,41 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .. import methods
 
 
 def class_scores(
-    model, images, labels: Sequence[str], *, surgery: bool = True, size=None
+    model,
+    images,
+    labels: Sequence[str],
+    *,
+    surgery: bool = True,
+    size=None,
+    method: str | None = None,
+    options=None,
+    local: bool | None = None,
 ) -> torch.Tensor:
-    """Scores ``[B, C]`` of each label for each image (higher = more likely present)."""
-    batch = model.as_batch(images, size)
-    text = model.encode_text(list(labels))
-    tokens = F.normalize(model.encode_image(batch, surgery=surgery), dim=-1)
+    """Scores ``[B, C]`` of each label for each image (higher = more likely present).
+
+    ``method`` (default ``clip_surgery``, or ``raw`` when ``surgery=False``) gives the image
+    embedding's softmax over the labels; ``local`` (default: every method but ``raw``) adds the
+    best patch's score: softmax over labels of its cosines for forward methods, its share of
+    relevance over the labels for gradient methods.
+    """
+    method = method or ("clip_surgery" if surgery else "raw")
+    chosen = methods.get(method)
+    scores = model.score(model.as_batch(images, size), model.query(list(labels)), chosen, options)
     scale = model.logit_scale
-    scores = (scale * tokens[:, 0] @ text.T).softmax(dim=-1)
-    if surgery:
-        local = (scale * tokens[:, 1:] @ text.T).softmax(dim=-1)  # [B, N, C]
-        scores = scores + local.max(dim=1).values
-    return scores
+    result = (scale * scores.cosine).softmax(dim=-1)
+    if local if local is not None else chosen.name != "raw":
+        if chosen.gradient:
+            dense = scores.token_scores.clamp_min(0)
+            share = dense / dense.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        else:
+            share = (scale * scores.token_scores).softmax(dim=-1)  # [B, N, C]
+        result = result + share.max(dim=1).values
+    return result
 
 
 def ranked(scores: torch.Tensor, labels: Sequence[str]) -> list[tuple[str, float]]:

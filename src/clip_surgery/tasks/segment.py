@@ -6,6 +6,7 @@ thresholds follow SCLIP's segmentor (github.com/wangf3014/SCLIP, ``clip_segmento
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,16 +15,43 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import methods
-from ..eval.presets import Preset
 
 WINDOW_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How images are resized, windowed and turned into labels.
+
+    ``short_side``: keep-ratio resize so the short side is this (long side capped at
+    ``long_side``); or ``square``: resize the whole image to ``square x square``. ``window`` /
+    ``stride``: sliding windows over the resized image (``None``: one forward of the whole image).
+    Per pixel: softmax(``logit_scale`` x cosine) over all names, max over a class's names;
+    classes covering less than ``area_threshold`` of the foreground and pixels whose top
+    probability is below ``prob_threshold`` become class 0 (datasets with a background class).
+    """
+
+    name: str
+    short_side: int | None = 336
+    long_side: int = 2048
+    square: int | None = None
+    window: int | None = 224
+    stride: int = 112
+    logit_scale: float = 40.0
+    prob_threshold: float = 0.0
+    area_threshold: float | None = None
+    templates: int = 80  # the first 80 default templates: OpenAI's ImageNet ensemble
+
+    def settings(self) -> dict:
+        """Every value, for the results file."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class ClassQueries:
     """Text embeddings of every name and the class each name belongs to."""
 
-    embeddings: torch.Tensor  # [Q, D]
+    query: methods.TextQuery  # [Q, D] embeddings of every name
     class_of: torch.Tensor  # [Q] class index per name
     num_classes: int
 
@@ -32,7 +60,12 @@ class ClassQueries:
         """Encode every name of every class once."""
         names = [name for names in classes for name in names]
         class_of = torch.tensor([i for i, names in enumerate(classes) for _ in names])
-        return cls(model.encode_text(names, templates), class_of, len(classes))
+        return cls(model.query(names, templates), class_of, len(classes))
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The names' embeddings ``[Q, D]``."""
+        return self.query.embeddings
 
 
 def resize_for(image: Image.Image, preset: Preset) -> torch.Tensor:
@@ -68,7 +101,6 @@ def dense_logits(
     model, image: torch.Tensor, queries: ClassQueries, method: str, options, preset: Preset
 ) -> torch.Tensor:
     """Per-name logits ``[Q, h, w]`` over the resized image, windows averaged where they overlap."""
-    chosen = methods.get(method)
     normalised = _normalise(model, image)
     height, width = image.shape[-2:]
     if preset.window is None:
@@ -80,9 +112,9 @@ def dense_logits(
     for begin in range(0, len(boxes), WINDOW_BATCH):
         chunk = boxes[begin : begin + WINDOW_BATCH]
         crops = torch.stack([normalised[:, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-        scores = chosen.scores(model, crops.to(model.device), queries.embeddings, options)
+        scores = model.score(crops, queries.query, method, options)
         grid_h, grid_w = scores.grid
-        logits = scores.logits.transpose(1, 2).reshape(len(chunk), -1, grid_h, grid_w)
+        logits = scores.token_scores.transpose(1, 2).reshape(len(chunk), -1, grid_h, grid_w)
         logits = F.interpolate(
             logits.float().cpu(), size=crops.shape[-2:], mode="bilinear", align_corners=False
         )

@@ -32,30 +32,32 @@ class WordExplanation:
 
 def token_features(model, text: str) -> tuple[list[str], torch.Tensor]:
     """The caption's words and each word's projected, normalized contextual feature ``[W, D]``."""
-    tokenizer, clip = model.tokenizer, model.clip
+    tower = model.backbone.text
     words = text.split()
-    pieces = [tokenizer.encode(word) for word in words]
-    tokens = tokenizer([text]).to(model.device)
+    tokens = tower.tokenize([text]).to(model.device)
     with model.inference():
-        x = clip.token_embedding(tokens) + clip.positional_embedding[: tokens.shape[1]]
-        x = clip.transformer(x, attn_mask=clip.attn_mask)
-        x = clip.ln_final(x) @ clip.text_projection  # [1, L, D]
+        x = tower.token_features(tokens)  # [1, L, D]
     features, position = [], 1  # position 0 is the start token
-    for piece in pieces:
-        features.append(x[0, position : position + len(piece)].mean(dim=0))
-        position += len(piece)
+    for word in words:
+        count = tower.pieces(word)
+        features.append(x[0, position : position + count].mean(dim=0))
+        position += count
     return words, F.normalize(torch.stack(features).float(), dim=-1)
 
 
-def explain_words(model, image, caption: str, *, size=None, depth: int = 6) -> WordExplanation:
-    """Importance and a map for each word of ``caption`` on ``image``."""
+def explain_words(
+    model, image, caption: str, *, size=None, depth: int | None = None
+) -> WordExplanation:
+    """Importance and a map for each word of ``caption`` on ``image`` (CLIP Surgery's tokens,
+    ``depth`` blocks; default: the method's own)."""
     (caption,) = check_texts([caption])
     words = caption.split()
     if len(words) > 40:
         raise TextError("caption too long for a word-by-word explanation (more than 40 words)")
     batch = model.as_batch(image, size)
-    tokens, grid = model.encode_image_with_grid(batch, depth)
-    tokens = F.normalize(tokens, dim=-1)
+    options = {} if depth is None else {"depth": depth}
+    trace = model.encode(batch, "clip_surgery", **options)
+    tokens = F.normalize(trace.tokens, dim=-1)
     full = model.encode_text([caption], templates=None)
     cosine = float(tokens[0, 0] @ full[0])
     # Every leave-one-out caption in one batched text forward (a one-word caption leaves "").
@@ -69,7 +71,7 @@ def explain_words(model, image, caption: str, *, size=None, depth: int = 6) -> W
     _, word_features = token_features(model, caption)
     redundant = model.redundant_feature(None)
     similarity = tokens[:, 1:] @ (word_features - redundant).T
-    maps = similarity_map(similarity, tuple(batch.shape[-2:]), grid)[0]
+    maps = similarity_map(similarity, tuple(batch.shape[-2:]), trace.grid)[0]
     return WordExplanation(words, cosine, drops, shares, maps)
 
 

@@ -1,0 +1,448 @@
+"""Loading models: open_clip and OpenAI names, hub names, local files and folders of every
+format, and ``wrap`` for a model object you already have."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import InputFileError, ModelError, WeightsUnavailableError
+from .model import SurgeryModel
+
+if TYPE_CHECKING:  # open_clip is imported where a model is built (it pulls transformers in)
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+OPENAI_NAMES = {
+    "RN50": "RN50",
+    "RN101": "RN101",
+    "RN50x4": "RN50x4",
+    "RN50x16": "RN50x16",
+    "RN50x64": "RN50x64",
+    "ViT-B/32": "ViT-B-32",
+    "ViT-B/16": "ViT-B-16",
+    "ViT-L/14": "ViT-L-14",
+    "ViT-L/14@336px": "ViT-L-14-336",
+}
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def wrap(model: nn.Module, tokenizer=None, name: str = "custom") -> SurgeryModel:
+    """Wrap a model you already have: an open_clip CLIP (ViT or ModifiedResNet) or a
+    ``transformers.CLIPModel``. It is used as is, never modified."""
+    return SurgeryModel(model, tokenizer, name=name)
+
+
+def load(
+    name_or_path: str | Path,
+    pretrained: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    quick_gelu: bool | None = None,
+) -> SurgeryModel:
+    """Load a CLIP model for explanation.
+
+    ``name_or_path``: an open_clip model name (``"ViT-B-16"``) with a ``pretrained`` tag or
+    weights file; an OpenAI name (``"ViT-B/16"``, ``"RN50"``; weights tag ``openai``); a hub
+    name ``"hf-hub:ORG/NAME"`` (open_clip or transformers, downloaded once); a local file
+    (OpenAI TorchScript ``.pt``, OpenAI/open_clip state dicts ``.pt``/``.bin``,
+    ``.safetensors``) whose architecture is inferred from its tensors; or a folder
+    (``save_pretrained`` output of a transformers CLIPModel, or an open_clip folder with
+    ``open_clip_config.json``). ``quick_gelu=None`` picks QuickGELU for OpenAI weights
+    (TorchScript, fp16 or the ``openai`` tag) and for inferred architectures, the config's own
+    activation otherwise.
+    """
+    text = str(name_or_path)
+    if text in BUNDLED:
+        return _load_bundled(text, device)
+    if text.startswith(HUB_PREFIX):
+        return _load_hub(text[len(HUB_PREFIX) :], device)
+    if _looks_like_path(text):
+        path = Path(text)
+        if path.is_dir():
+            return _load_folder(path, device)
+        return _load_file(path, None, device, quick_gelu)
+    name = OPENAI_NAMES.get(text, text)
+    _check_model_name(name)
+    if pretrained is not None and _looks_like_path(str(pretrained)):
+        return _load_file(Path(pretrained), name, device, quick_gelu)
+    return _load_pretrained(name, pretrained, device, quick_gelu)
+
+
+BUNDLED = ("tiny-synth",)
+HUB_PREFIX = "hf-hub:"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _load_bundled(name: str, device) -> SurgeryModel:
+    """A model shipped inside the package (config and fp16 weights in ``data/models``)."""
+    import open_clip
+
+    folder = Path(str(files("clip_surgery").joinpath("data/models")))
+    weights = folder / f"{name}.safetensors"
+    if not weights.is_file():
+        raise WeightsUnavailableError(
+            f"{weights} is missing from this installation; retrain it with "
+            "scripts/train_tiny_synth.py"
+        )
+    if name not in open_clip.list_models():
+        open_clip.add_model_config(folder / f"{name}.json")
+    return _load_file(weights, name, device, quick_gelu=None)
+
+
+def _looks_like_path(text: str) -> bool:
+    if text in OPENAI_NAMES or text.startswith(HUB_PREFIX):
+        return False
+    return Path(text).exists() or text.lower().endswith(CHECKPOINT_SUFFIXES) or "/" in text
+
+
+def _check_model_name(name: str) -> None:
+    import open_clip
+
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known + list(OPENAI_NAMES), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"unknown model {name!r}{hint} (or pass a weights file path)")
+
+
+def _load_pretrained(name, tag, device, quick_gelu) -> SurgeryModel:
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag is None:
+        if "openai" not in tags:
+            raise ModelError(f"pass pretrained=TAG for {name}: one of {', '.join(tags)}")
+        tag = "openai"
+    if tag not in tags:
+        raise ModelError(f"unknown pretrained tag {tag!r} for {name}; known: {', '.join(tags)}")
+    config = open_clip.get_pretrained_cfg(name, tag)
+    if quick_gelu is None:
+        quick_gelu = bool(config.get("quick_gelu", False)) or tag == "openai"
+    try:
+        with _quiet_logging():
+            model = open_clip.create_model(
+                name,
+                pretrained=tag,
+                force_quick_gelu=quick_gelu,
+                device=device,
+                require_pretrained=True,
+            )
+    except Exception as error:  # open_clip/huggingface_hub raise many types when offline
+        raise WeightsUnavailableError(_offline_message(name, tag, config)) from error
+    return SurgeryModel(
+        model.eval(), open_clip.get_tokenizer(name), name=f"{name}/{tag}", source=tag
+    )
+
+
+# ---------------------------------------------------------------- hub names and folders
+
+
+def _load_hub(repo: str, device) -> SurgeryModel:
+    """``hf-hub:ORG/NAME``: an open_clip repo (``open_clip_config.json``) or a transformers
+    CLIP repo (``config.json``), from the hub or its local cache."""
+    import open_clip
+
+    kind = _hub_kind(repo)
+    if kind == "open_clip":
+        with _quiet_logging():
+            model = open_clip.create_model(HUB_PREFIX + repo, device=device)
+        tokenizer = open_clip.get_tokenizer(HUB_PREFIX + repo)
+        return SurgeryModel(model.eval(), tokenizer, name=HUB_PREFIX + repo, source=repo)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", *HF_WEIGHTS, "model-*.safetensors", "pytorch_model-*.bin"]
+    with _quiet_logging():
+        folder = Path(snapshot_download(repo, allow_patterns=patterns))
+    model = _load_transformers(folder, device)
+    model.name, model.source = HUB_PREFIX + repo, folder
+    return model
+
+
+def _hub_kind(repo: str) -> str:
+    """Which library a hub repo is for, from the config file it holds (cached or downloaded)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    for filename, kind in (("open_clip_config.json", "open_clip"), ("config.json", "transformers")):
+        try:
+            with _quiet_logging():
+                hf_hub_download(repo, filename)
+            return kind
+        except EntryNotFoundError:
+            continue  # the repo exists and lacks this file
+        except RepositoryNotFoundError:
+            raise ModelError(f"no repository {repo!r} on the Hugging Face hub") from None
+        except Exception:  # offline, not cached: try the other file's cache
+            continue
+    raise WeightsUnavailableError(
+        f"could not download hf-hub:{repo}, no connection or cache; on a machine with internet "
+        f"run `hf download {repo} --local-dir {repo.split('/')[-1]}` and pass that folder: "
+        f"--checkpoint {repo.split('/')[-1]} (Python: load('{repo.split('/')[-1]}'))"
+    )
+
+
+def _load_folder(path: Path, device) -> SurgeryModel:
+    """A folder: transformers ``save_pretrained`` output, or an open_clip folder."""
+    import open_clip
+
+    if (path / "open_clip_config.json").is_file():
+        target = f"local-dir:{path}"
+        try:
+            with _quiet_logging():
+                model = open_clip.create_model(target, device=device)
+        except Exception as error:
+            detail = " ".join(str(error).split())[:160]
+            raise ModelError(f"cannot load the open_clip folder {path}: {detail}") from None
+        return SurgeryModel(
+            model.eval(), open_clip.get_tokenizer(target), name=path.name, source=path
+        )
+    if (path / "config.json").is_file():
+        return _load_transformers(path, device)
+    raise ModelError(
+        f"{path} is a folder without config.json (transformers save_pretrained) or "
+        "open_clip_config.json (open_clip); pass a weights file or such a folder"
+    )
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(
+            "this is a Hugging Face transformers model; install the extra: "
+            "pip install 'clip-surgery[hf]'"
+        ) from None
+    return transformers
+
+
+def _load_transformers(path: Path, device) -> SurgeryModel:
+    """A transformers CLIP folder: config.json, weights, and its tokenizer files if any."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputFileError(f"cannot read {path / 'config.json'}: {error}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "clip":
+        raise ModelError(
+            f"{path} holds a transformers {model_type!r} model; clip-surgery runs CLIP "
+            "(model_type 'clip', CLIPModel) and open_clip CLIP models"
+        )
+    if not any((path / name).is_file() for name in HF_WEIGHTS) and not any(
+        path.glob("*.index.json")
+    ):
+        raise ModelError(f"{path} has no weights ({' or '.join(HF_WEIGHTS)})")
+    transformers = _require_transformers()
+    with _quiet_logging():
+        model = transformers.CLIPModel.from_pretrained(path, dtype=torch.float32)
+        tokenizer = None
+        if any((path / name).is_file() for name in HF_TOKENIZER_FILES):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    mean, std = _hf_normalization(path)
+    return SurgeryModel(
+        model.to(device).eval(), tokenizer, name=path.name, source=path, mean=mean, std=std
+    )
+
+
+def _hf_normalization(path: Path):
+    """Image mean and std from ``preprocessor_config.json`` when present."""
+    try:
+        config = json.loads((path / "preprocessor_config.json").read_text(encoding="utf-8"))
+        return tuple(config["image_mean"]), tuple(config["image_std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
+@contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """Silence open_clip's and huggingface_hub's log lines; our error says it in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _offline_message(name: str, tag: str, config: dict) -> str:
+    url = config.get("url") or ""
+    hub = config.get("hf_hub") or ""
+    filename = url.rsplit("/", 1)[-1] if url else f"{name}-{tag}.bin"
+    where = url or (f"https://huggingface.co/{hub.rstrip('/')}" if hub else "the model's hub page")
+    return (
+        f"could not download weights for {name} ({tag}), no connection or cache; download "
+        f"{filename} from {where} and pass it: --checkpoint {filename} (Python: load('{filename}'))"
+    )
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a checkpoint file into a flat state dict; returns it and the format found."""
+    if not path.is_file():
+        raise InputFileError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path)), "safetensors"
+        if _is_torchscript(path):
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "torchscript"
+        return _unwrap(torch.load(str(path), map_location="cpu", weights_only=True)), "state_dict"
+    except ModelError:
+        raise
+    except Exception as error:
+        raise InputFileError(
+            f"cannot read checkpoint {path}: not a TorchScript archive, PyTorch state dict or "
+            f"safetensors file ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        ) from error
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _unwrap(checkpoint) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ModelError("checkpoint holds no state dict")
+    if all(key.startswith("module.") for key in checkpoint):
+        checkpoint = {key[len("module.") :]: value for key, value in checkpoint.items()}
+    return checkpoint
+
+
+def _load_file(path: Path, name: str | None, device, quick_gelu) -> SurgeryModel:
+    import open_clip
+
+    state_dict, fmt = read_state_dict(path)
+    state_dict = {k: v for k, v in state_dict.items() if k not in OPENAI_EXTRA_KEYS}
+    if any(key.startswith(("vision_model.", "text_model.")) for key in state_dict):
+        raise ModelError(
+            f"{path} holds Hugging Face transformers CLIP weights without their config: pass "
+            "the folder written by save_pretrained (config.json and the weights)"
+        )
+    openai_style = fmt == "torchscript" or _is_half(state_dict)
+    if name is None:
+        use_quick = True if quick_gelu is None else quick_gelu
+        model = build_from_state_dict(state_dict, quick_gelu=use_quick)
+        tokenizer = None  # CLIP's BPE
+        label = path.name
+    else:
+        use_quick = openai_style if quick_gelu is None else quick_gelu
+        with _quiet_logging():  # "no pretrained weights loaded": we load them next
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick)
+        _load_into(model, state_dict, f"{path} does not match {name}")
+        tokenizer = open_clip.get_tokenizer(name)
+        label = f"{name}/{path.name}"
+    return SurgeryModel(model.to(device).eval(), tokenizer, name=label, source=path)
+
+
+def _is_half(state_dict: dict[str, torch.Tensor]) -> bool:
+    weight = state_dict.get("visual.conv1.weight")
+    return weight is not None and weight.dtype == torch.float16
+
+
+def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], context: str) -> None:
+    # A traced (TorchScript) model also stores buffers the module keeps out of its state dict.
+    persistent = model.state_dict().keys()
+    transient = {name for name, _ in model.named_buffers()} - set(persistent)
+    state_dict = {k: v for k, v in state_dict.items() if k not in transient}
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        detail = " ".join(str(error).split())[:200]
+        raise ModelError(f"{context}: {detail}") from None
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:3])
+        unexpected = ", ".join(result.unexpected_keys[:3])
+        raise ModelError(f"{context}: missing [{missing}] unexpected [{unexpected}]")
+
+
+def _count(state_dict, prefix: str, suffix: str) -> int:
+    return len(
+        {
+            k[len(prefix) :].split(".")[0]
+            for k in state_dict
+            if k.startswith(prefix) and k.endswith(suffix)
+        }
+    )
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """open_clip CLIP kwargs (embed_dim, vision_cfg, text_cfg) inferred from a state dict.
+
+    Attention heads are not stored in weights; like OpenAI and open_clip we assume 64-wide heads.
+    """
+    try:
+        return {
+            "embed_dim": state_dict["text_projection"].shape[1],
+            "vision_cfg": _infer_vision(state_dict),
+            "text_cfg": _infer_text(state_dict),
+        }
+    except KeyError as error:
+        raise ModelError(
+            f"cannot infer a CLIP architecture from this checkpoint (no {error}); pass the "
+            "open_clip model name too: load('ViT-B-16', pretrained='file.pt')"
+        ) from None
+
+
+def _infer_vision(sd: dict[str, torch.Tensor]) -> CLIPVisionCfg:
+    from open_clip.model import CLIPVisionCfg
+
+    if "visual.proj" in sd:
+        width, _, patch, _ = sd["visual.conv1.weight"].shape
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        prefix = "visual.transformer.resblocks."
+        return CLIPVisionCfg(
+            layers=_count(sd, prefix, ".attn.in_proj_weight"),
+            width=width,
+            patch_size=patch,
+            image_size=patch * grid,
+            mlp_ratio=sd[prefix + "0.mlp.c_fc.weight"].shape[0] / width,
+            ls_init_value=1e-5 if prefix + "0.ls_1.gamma" in sd else None,
+            no_ln_pre="visual.ln_pre.weight" not in sd,
+        )
+    side = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = tuple(_count(sd, f"visual.layer{i}.", ".conv1.weight") for i in (1, 2, 3, 4))
+    return CLIPVisionCfg(
+        layers=layers, width=sd["visual.layer1.0.conv1.weight"].shape[0], image_size=side * 32
+    )
+
+
+def _infer_text(sd: dict[str, torch.Tensor]) -> CLIPTextCfg:
+    from open_clip.model import CLIPTextCfg
+
+    width = sd["ln_final.weight"].shape[0]
+    return CLIPTextCfg(
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        width=width,
+        heads=max(width // 64, 1),
+        layers=_count(sd, "transformer.resblocks.", ".attn.in_proj_weight"),
+        mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+    )
+
+
+def build_from_state_dict(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True) -> CLIP:
+    """Build an open_clip CLIP of the inferred architecture and load the weights in fp32."""
+    from open_clip.model import CLIP
+
+    model = CLIP(**infer_config(state_dict), quick_gelu=quick_gelu)
+    _load_into(model, state_dict, "checkpoint does not match its inferred architecture")
+    return model.float().eval()
