@@ -12,6 +12,7 @@ import pytest
 from conftest import photo
 from PIL import Image
 
+from clip_surgery import backbones, methods
 from clip_surgery.cli import main, slug, unique_stems
 from clip_surgery.viz import overlay
 
@@ -208,3 +209,21 @@ def test_option_errors_are_one_line(tmp_path, images, vit_checkpoint):
     ]
     for args, fragment in cases:
         assert_one_line_error(run_cli(*args), fragment)
+
+
+def test_backbones_matrix(capsys):
+    assert main(["backbones"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    rows = {line[:26].strip(): line[26:].split() for line in lines[1:4]}
+    assert header[0] == "family" and header[1:] == methods.names()
+    resnet = dict(zip(header[1:], rows["open_clip ModifiedResNet"], strict=True))
+    assert [name for name, mark in resnet.items() if mark == "yes"] == [
+        "raw",
+        "clip_surgery",
+        "gradcam",
+    ]
+    assert set(rows["transformers CLIP"]) == {"yes"} and set(rows["open_clip ViT"]) == {"yes"}
+    assert main(["backbones", "--json"]) == 0
+    matrix = json.loads(capsys.readouterr().out)
+    assert [row["family"] for row in matrix] == [f.name for f in backbones.FAMILIES]

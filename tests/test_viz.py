@@ -25,7 +25,7 @@ def test_overlay_resizes_the_map_to_the_image():
     heatmap[:, 2:] = 1.0
     result = np.asarray(overlay(image, heatmap), dtype=np.int16)
     assert result.shape == (30, 40, 3)
-    colours = heatmap_rgb(heatmap, (40, 30))
+    colours = heatmap_rgb(heatmap, (30, 40))  # (height, width)
     assert (
         colours[:, 0].tolist() == [[0, 0, 128]] * 30
         and colours[:, -1].tolist() == [[128, 0, 0]] * 30

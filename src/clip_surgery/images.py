@@ -10,12 +10,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError, InputFileError
+from .typedefs import Size
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-Size = int | tuple[int, int]
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -74,7 +73,7 @@ def as_hw(size: Size) -> tuple[int, int]:
 
 def preprocess(
     image: Image.Image,
-    size: Size = 224,
+    size: Size,
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
 ) -> torch.Tensor:

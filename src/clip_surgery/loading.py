@@ -245,7 +245,9 @@ def _load_transformers(path: Path, device) -> SurgeryModel:
         raise ModelError(f"{path} has no weights ({' or '.join(HF_WEIGHTS)})")
     transformers = _require_transformers()
     with _quiet_logging():
-        model = transformers.CLIPModel.from_pretrained(path, dtype=torch.float32)
+        major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+        dtype_name = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        model = transformers.CLIPModel.from_pretrained(path, **{dtype_name: torch.float32})
         tokenizer = None
         if any((path / name).is_file() for name in HF_TOKENIZER_FILES):
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)

@@ -21,11 +21,11 @@ IMAGE_WEIGHT = 0.4  # the reference demo blends 0.4 image + 0.6 jet heatmap
 
 
 def _map_array(heatmap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A [0, 1] float map resized bilinearly to ``size`` = (width, height)."""
+    """A [0, 1] float map resized bilinearly to ``size`` = (height, width)."""
     tensor = torch.as_tensor(heatmap, dtype=torch.float32)
     if tensor.dim() != 2:
         raise ValueError(f"expected a [H, W] map, got shape {tuple(tensor.shape)}")
-    width, height = size
+    height, width = size
     if tuple(tensor.shape) != (height, width):
         tensor = F.interpolate(
             tensor[None, None], size=(height, width), mode="bilinear", align_corners=False
@@ -34,7 +34,7 @@ def _map_array(heatmap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.
 
 
 def heatmap_rgb(heatmap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The jet-coloured ``uint8`` RGB picture of a [0, 1] map at ``size`` = (width, height)."""
+    """The jet-coloured ``uint8`` RGB picture of a [0, 1] map at ``size`` = (height, width)."""
     colours = matplotlib.colormaps["jet"](_map_array(heatmap, size))[..., :3]
     return (colours * 255).round().astype(np.uint8)
 
@@ -42,7 +42,7 @@ def heatmap_rgb(heatmap: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np
 def overlay(image: Image.Image, heatmap: torch.Tensor | np.ndarray) -> Image.Image:
     """The image blended with its jet-coloured map (resized to the image), as RGB."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    heat = heatmap_rgb(heatmap, image.size).astype(np.float32)
+    heat = heatmap_rgb(heatmap, (image.height, image.width)).astype(np.float32)
     blended = IMAGE_WEIGHT * rgb + (1 - IMAGE_WEIGHT) * heat
     return Image.fromarray(blended.clip(0, 255).round().astype(np.uint8))
 
