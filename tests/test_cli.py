@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from conftest import photo
 from PIL import Image
 
 from clip_surgery import backbones, methods
-from clip_surgery.cli import main, slug, unique_stems
+from clip_surgery.cli import main
+from clip_surgery.outputs import image_folders, slug, text_files
 from clip_surgery.viz import overlay
 
 
@@ -47,24 +49,31 @@ def test_explain_writes_overlays_grid_and_json(tmp_path, images, vit_checkpoint,
     )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    assert report == json.loads((out / "explain.json").read_text())
     assert [r["image"] for r in report["images"]] == [
         str(images / "one.png"),
         str(images / "two.jpg"),
     ]
-    names = sorted(p.name for p in out.iterdir())
-    assert names == [
-        "one_blue-sky.png",
-        "one_cat.png",
-        "one_grid.png",
-        "two_blue-sky.png",
-        "two_cat.png",
-        "two_grid.png",
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == [
+        "001-one/01-cat.png",
+        "001-one/02-blue-sky.png",
+        "001-one/grid.png",
+        "002-two/01-cat.png",
+        "002-two/02-blue-sky.png",
+        "002-two/grid.png",
+        "explain.json",
     ]
-    assert Image.open(out / "one_cat.png").size == (80, 60)
-    assert Image.open(out / "two_cat.png").size == (50, 70)
-    probabilities = [s["probability"] for s in report["images"][0]["scores"].values()]
-    assert abs(sum(probabilities) - 1) < 1e-4
-    assert report["method"] == "clip_surgery"
+    assert Image.open(out / "001-one/01-cat.png").size == (80, 60)
+    assert Image.open(out / "002-two/01-cat.png").size == (50, 70)
+    entries = report["images"][0]["texts"]
+    assert [e["text"] for e in entries] == ["cat", "blue sky"]
+    assert entries[1]["overlay"] == str(out / "001-one/02-blue-sky.png")
+    assert abs(sum(e["probability"] for e in entries) - 1) < 1e-4
+    assert report["method"] == "clip_surgery" and report["mode"] == "class-set"
+    assert "naming" in report and oct((out / "001-one/grid.png").stat().st_mode & 0o777) == oct(
+        0o666 & ~_umask()
+    )
     assert report["settings"] == {
         "size": 224,
         "single": False,
@@ -104,7 +113,7 @@ def test_explain_overlay_matches_api(tmp_path, images, vit_checkpoint):
     image = Image.open(images / "one.png").convert("RGB")
     result = model.explain(image, ["cat"], size=448, single=True, output_size=(60, 80))
     expected = np.asarray(overlay(image, result.maps[0, 0]), dtype=np.int16)
-    written = np.asarray(Image.open(out / "one_cat.png"), dtype=np.int16)
+    written = np.asarray(Image.open(out / "001-one/01-cat.png"), dtype=np.int16)
     assert np.abs(written - expected).max() <= 1
 
 
@@ -156,9 +165,43 @@ def test_cli_errors_are_one_line(tmp_path, images, vit_checkpoint):
 def test_helpers():
     assert slug("A photo: of a DOG!") == "a-photo-of-a-dog"
     assert slug("???") == "text"
-    from pathlib import Path
+    assert image_folders([Path("a/x.png"), Path("b/x.jpg"), Path("y.png")]) == [
+        "001-x",
+        "002-x",
+        "003-y",
+    ]
+    assert text_files(["grid", "cat", "cat"]) == ["01-grid.png", "02-cat.png", "03-cat.png"]
 
-    assert unique_stems([Path("a/x.png"), Path("b/x.jpg"), Path("y.png")]) == ["x", "x-2", "y"]
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def test_outputs_never_collide(tmp_path, vit_checkpoint, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    photo((40, 30), seed=3).save(first / "same.png")
+    photo((30, 40), seed=4).save(second / "same.png")
+    photo((36, 36), seed=5).save(first / "same-2.png")
+    inputs = [str(first / "same.png"), str(second / "same.png"), str(first / "same-2.png")]
+    out = tmp_path / "out"
+    texts = ["grid", "cat", "cat"]
+    argv = ["explain", *inputs, "-t", *texts, "--checkpoint", vit_checkpoint, "--out", str(out)]
+    assert main([*argv, "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    files = [entry["overlay"] for record in report["images"] for entry in record["texts"]]
+    grids = [record["grid"] for record in report["images"]]
+    assert len(set(files + grids)) == 3 * 3 + 3  # every (image, text) and grid has its own file
+    for record, source in zip(report["images"], inputs, strict=True):
+        assert record["image"] == source
+        assert [entry["text"] for entry in record["texts"]] == texts
+        size = Image.open(source).size
+        for entry in record["texts"]:
+            assert Image.open(entry["overlay"]).size == size
+    assert Image.open(grids[0]).size != Image.open(files[0]).size  # the grid is a figure
 
 
 def test_methods_listing(capsys):

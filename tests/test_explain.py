@@ -61,3 +61,12 @@ def test_mixed_tensor_shapes_in_one_batch(model):
         model.explain(tensors, ["cat"])
     mixed = [photo((30, 40)), model.preprocess(photo(), 224)]
     assert model.explain(mixed, ["cat"]).maps.shape == (2, 1, 224, 224)
+
+
+def test_one_text_is_a_free_form_query(model):
+    """A class set of one gave an all-zero map (the mean over one class is itself)."""
+    image = photo(seed=7)
+    alone = model.explain(image, ["a red ball"])
+    assert alone.free_form and alone.maps.amax() - alone.maps.amin() > 0.5  # not all zero
+    assert torch.equal(alone.maps, model.explain(image, ["a red ball"], single=True).maps)
+    assert not model.explain(image, ["a red ball", "a tree"]).free_form

@@ -78,8 +78,8 @@ def test_every_supported_method_through_the_cli(request, tmp_path, monkeypatch, 
             assert cli.main(argv) == 0, name
             report = json.loads(capsys.readouterr().out)
             assert report["method"] == name and report["settings"]["size"] == int(size)
-            names = sorted(p.name for p in out.iterdir())
-            assert names == ["img_a-cat.png", "img_grid.png", "img_the-sky.png"]
+            names = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+            assert names == ["001-img/01-a-cat.png", "001-img/02-the-sky.png", "001-img/grid.png"]
 
 
 def test_real_checkpoint_through_cli_subprocess(tmp_path, vit_b16):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +21,6 @@ from .methods import DEFAULT_METHOD, METHODS
 from .methods import get as get_method
 from .model import SurgeryModel
 from .text import check_texts
-from .viz import grid_figure, overlay, save_png
 
 DEFAULT_MODEL = "ViT-B/16"
 
@@ -144,7 +142,9 @@ def _threshold(text: str) -> float | str:
 
 def run_segment(args: argparse.Namespace) -> int:
     """The ``segment`` command: a mask PNG and an overlay with the prompts per target."""
+    from .outputs import slug
     from .tasks.sam import load_predictor, mask_overlay, segment_text
+    from .viz import save_png
 
     threshold = _threshold(args.threshold)
     image = open_image(args.image)
@@ -198,6 +198,7 @@ def run_classify(args: argparse.Namespace) -> int:
 def run_explain_text(args: argparse.Namespace) -> int:
     """The ``explain-text`` command: word importances and a figure of per-word maps."""
     from .tasks.words import explain_words, word_figure
+    from .viz import save_png
 
     image = open_image(args.image)
     check_texts([args.caption])
@@ -284,6 +285,8 @@ def parse_option_pairs(pairs: Sequence[str], depth: int | None) -> dict[str, str
             raise OptionError(f"--option takes KEY=VALUE, got {pair!r}")
         options[key.strip()] = value.strip()
     if depth is not None:
+        if "depth" in options and options["depth"] != str(depth):
+            raise OptionError(f"--depth {depth} conflicts with --option depth={options['depth']}")
         options["depth"] = str(depth)
     return options
 
@@ -355,24 +358,11 @@ def model_from_args(args: argparse.Namespace) -> SurgeryModel:
     return load(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
 
 
-def slug(text: str) -> str:
-    """A file-name-safe form of a text query."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "text"
-
-
-def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """One output stem per image; repeated stems get a numeric suffix."""
-    seen: dict[str, int] = {}
-    stems = []
-    for path in paths:
-        count = seen.get(path.stem, 0) + 1
-        seen[path.stem] = count
-        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
-    return stems
-
-
 def run_explain(args: argparse.Namespace) -> int:
-    """The ``explain`` command."""
+    """The ``explain`` command: an overlay per (image, text), a grid per image, a report."""
+    from .outputs import GRID, REPORT, image_folders, image_record, report, text_files, write_json
+    from .viz import grid_figure, overlay, save_png
+
     if (args.size is not None and args.size <= 0) or args.batch_size <= 0:
         raise ImageError("--size and --batch-size must be positive")
     paths = list_images(args.images)
@@ -380,65 +370,48 @@ def run_explain(args: argparse.Namespace) -> int:
         open_image(path)
     options = parse_option_pairs(args.option, args.depth)
     parsed = get_method(args.method).options(**options)  # unknown method/option: fail early
+    texts = check_texts(args.text)
     model = model_from_args(args)
-    texts = list(args.text)
-    text_slugs = [slug(t) for t in texts]
-    if len(set(text_slugs)) != len(text_slugs):
-        text_slugs = [f"{i:02d}-{s}" for i, s in enumerate(text_slugs)]
-    model.encode_text(texts)  # validates texts and fills the cache once
-    records = []
-    started = time.perf_counter()
+    model.encode_text(texts)  # validates texts (length) and fills the cache once
+    folders, files = image_folders(paths), text_files(texts)
+    records, started, free_form = [], time.perf_counter(), args.single
     from tqdm import tqdm
 
-    stems = unique_stems(paths)
     progress = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
     for begin in range(0, len(paths), args.batch_size):
-        chunk = list(zip(paths[begin : begin + args.batch_size], stems[begin:], strict=False))
+        chunk = list(zip(paths, folders, strict=True))[begin : begin + args.batch_size]
         images = [open_image(path) for path, _ in chunk]
         result = model.explain(
             images, texts, method=args.method, size=args.size, single=args.single, **options
         )
-        for index, ((path, stem), image) in enumerate(zip(chunk, images, strict=True)):
+        free_form = result.free_form
+        for index, ((path, name), image) in enumerate(zip(chunk, images, strict=True)):
+            folder = args.out / name
             maps = result.maps_at((image.height, image.width), image=index)
-            outputs = {}
-            for text, name, heatmap in zip(texts, text_slugs, maps, strict=True):
-                outputs[text] = str(
-                    save_png(overlay(image, heatmap), args.out / f"{stem}_{name}.png")
-                )
-            probs = result.probs[index].tolist()
-            figure = grid_figure(image, maps, texts, probs)
-            grid_path = save_png(figure, args.out / f"{stem}_grid.png")
-            records.append(_record(path, texts, result, index, outputs, grid_path))
+            overlays = [
+                save_png(overlay(image, heatmap), folder / file)
+                for file, heatmap in zip(files, maps, strict=True)
+            ]
+            probs = result.probs[index]
+            grid = save_png(grid_figure(image, maps, texts, probs.tolist()), folder / GRID)
+            cosine = result.cosine[index]
+            records.append(image_record(str(path), folder, texts, cosine, probs, overlays, grid))
             progress.update(1)
     progress.close()
-    summary = {
-        "model": model.name,
-        "weights": model.weights_hash,
-        "method": args.method,
-        "settings": {
-            "size": args.size or model.native_size,
-            "single": args.single,
-            **dataclasses.asdict(parsed),
-        },
-        "seconds": round(time.perf_counter() - started, 3),
-        "images": records,
-    }
+    settings = {"size": args.size or model.native_size, "single": args.single}
+    settings.update(dataclasses.asdict(parsed))
+    mode = "free-form" if free_form else "class-set"
+    seconds = round(time.perf_counter() - started, 3)
+    summary = report(model, args.method, mode, settings, records, seconds)
+    write_json(args.out / REPORT, summary)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"wrote overlays for {len(paths)} image(s) x {len(texts)} text(s) to {args.out}")
+        print(
+            f"wrote overlays for {len(paths)} image(s) x {len(texts)} text(s) ({mode}) to "
+            f"{args.out}; report: {args.out / REPORT}"
+        )
     return 0
-
-
-def _record(path, texts, result, index, outputs, grid_path) -> dict:
-    scores = {
-        text: {
-            "cosine": round(float(result.cosine[index, k]), 6),
-            "probability": round(float(result.probs[index, k]), 6),
-        }
-        for k, text in enumerate(texts)
-    }
-    return {"image": str(path), "scores": scores, "overlays": outputs, "grid": str(grid_path)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -293,13 +293,16 @@ class SurgeryModel:
         ``method``: any name in ``clip_surgery.methods`` (default CLIP Surgery), with that
         method's ``options`` (e.g. ``depth=6``). ``single=True`` treats the texts as free-form
         queries (CLIP Surgery removes the empty string's redundant feature); otherwise they are
-        a class set. Maps have the preprocessed input's size unless ``output_size`` is given.
+        a class set. One text is always a free-form query (a class set of one has no
+        alternatives; ``Explanation.free_form`` says which). Maps have the preprocessed input's
+        size unless ``output_size`` is given.
         """
         chosen = methods.get(method)
         parsed = chosen.options(**options)
         texts = check_texts(texts)
         batch = self.as_batch(images, size)
-        query = self.query(texts, templates, free_form=single)
+        free_form = single or len(texts) == 1
+        query = self.query(texts, templates, free_form=free_form)
         scores: Scores = chosen.scores(self.backbone, batch, query, parsed)
         maps = similarity_map(
             scores.similarity, output_size or tuple(batch.shape[-2:]), scores.grid
@@ -315,7 +318,7 @@ class SurgeryModel:
             probs,
             chosen.name,
             parsed,
-            single,
+            free_form,
         )
 
 

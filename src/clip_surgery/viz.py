@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from .outputs import atomic_path  # noqa: E402
 
 IMAGE_WEIGHT = 0.4  # the reference demo blends 0.4 image + 0.6 jet heatmap
 
@@ -77,18 +77,10 @@ def grid_figure(
 
 def save_png(picture: Image.Image | plt.Figure, path: str | Path) -> Path:
     """Write a PNG atomically (temporary file, then rename), so no half-written file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(Path(path)) as temporary:
         if isinstance(picture, Image.Image):
             picture.save(temporary, format="PNG")
         else:
             picture.savefig(temporary, format="png", dpi=100)
             plt.close(picture)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

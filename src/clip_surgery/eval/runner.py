@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from .. import methods
 from ..errors import DatasetError
 from ..images import open_image
+from ..outputs import atomic_path, write_text
 from ..tasks.segment import ClassQueries, segment
 from ..text import DEFAULT_TEMPLATES
 from .datasets import IGNORE, MULTILABEL, multilabel_dataset, segmentation_dataset
@@ -228,10 +228,8 @@ def is_multilabel(dataset: str) -> bool:
 
 
 def _save_label(prediction: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.png")
-    Image.fromarray(prediction, mode="L").save(temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        Image.fromarray(prediction, mode="L").save(temporary, format="PNG")
 
 
 def write_results(results: dict, out: Path, stem: str) -> tuple[Path, Path]:
@@ -264,9 +262,7 @@ def write_results(results: dict, out: Path, stem: str) -> tuple[Path, Path]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    write_text(path, text)
 
 
 class _State:
@@ -286,10 +282,9 @@ class _State:
     def save(self, matrix: np.ndarray, key: str) -> None:
         self.done.add(key)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp.npz")
         elapsed = self.seconds + time.perf_counter() - self.started
-        np.savez(temporary, matrix=matrix, done=np.array(sorted(self.done)), seconds=elapsed)
-        os.replace(temporary, self.path)
+        with atomic_path(self.path) as temporary:
+            np.savez(temporary, matrix=matrix, done=np.array(sorted(self.done)), seconds=elapsed)
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)
