@@ -64,7 +64,12 @@ def resnet_model() -> CLIP:
 def vit_checkpoint(tmp_path_factory, vit_model) -> str:
     """An OpenAI-format state dict file of the small ViT."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny-vit.pt"
-    torch.save(vit_model.state_dict(), path)
+    openai_keys = {  # OpenAI's state dicts carry these; they mark QuickGELU weights
+        "input_resolution": torch.tensor(224),
+        "context_length": torch.tensor(77),
+        "vocab_size": torch.tensor(49408),
+    }
+    torch.save({**vit_model.state_dict(), **openai_keys}, path)
     return str(path)
 
 

@@ -64,12 +64,14 @@ def test_eval_cli_every_layout(tmp_path, capsys, vit_checkpoint, dataset):
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("mIoU: ")
-    report = json.loads((out / f"{dataset}-raw-sclip.json").read_text())
+    report = json.loads((out / f"{dataset}-raw-sclip-limit2.json").read_text())
+    assert not (out / f"{dataset}-raw-sclip.json").exists()  # the full run's name stays free
     assert report["images"] == 2 and 0 <= report["miou"] <= 100
+    assert report["limit"] == 2 and report["root"] == str(tmp_path / "data") and report["split"]
     assert float(lines[-1].split()[1]) == pytest.approx(report["miou"], abs=0.01)
     assert report["preset"]["name"] == "sclip" and report["weights"]
     assert len(report["per_class_iou"]) == len(SEGMENTATION[dataset].classes)
-    assert "| method |" in (out / f"{dataset}-raw-sclip.md").read_text()
+    assert "| method |" in (out / f"{dataset}-raw-sclip-limit2.md").read_text()
     assert not list(out.glob(".state-*"))  # finished runs leave no state behind
 
 
@@ -148,8 +150,11 @@ def test_reduce_zero_label(tmp_path):
     Image.fromarray(np.array([[0, 1, 59, 255]], dtype=np.uint8)).save(path)
     assert spec.read_label(path).tolist() == [[255, 0, 58, 255]]
     voc = SEGMENTATION["voc21"]
+    Image.fromarray(np.array([[0, 20, 255]], dtype=np.uint8)).save(path)
+    assert voc.read_label(path).tolist() == [[0, 20, 255]]
     Image.fromarray(np.array([[0, 20, 21, 255]], dtype=np.uint8)).save(path)
-    assert voc.read_label(path).tolist() == [[0, 20, 255, 255]]  # out of range is ignored
+    with pytest.raises(DatasetError, match=r"label.png: label value 21 is outside voc21's"):
+        voc.read_label(path)  # out of range is an error, not silently ignored
 
 
 def test_explainability_meter_known_answer():

@@ -102,6 +102,7 @@ def test_real_checkpoint_through_cli_subprocess(tmp_path, vit_b16):
             "cat",
             "--checkpoint",
             str(checkpoint),
+            "--quick-gelu",
             "--method",
             "naclip",
             "--option",

@@ -83,20 +83,22 @@ def test_openai_fp16_state_dict_with_extra_keys(tmp_path, vit):
 def test_plain_state_dict(tmp_path, vit, suffix):
     path = tmp_path / f"weights{suffix}"
     torch.save(vit.state_dict(), path)
-    assert_same_model(clip_surgery.load(str(path)), vit)
+    with pytest.raises(ModelError, match="cannot tell from .* QuickGELU .* or GELU"):
+        clip_surgery.load(str(path))  # the activation is not in a plain state dict
+    assert_same_model(clip_surgery.load(str(path), quick_gelu=True), vit)
 
 
 def test_open_clip_training_checkpoint(tmp_path, vit):
     state = {f"module.{k}": v for k, v in vit.state_dict().items()}
     path = tmp_path / "epoch_3.pt"
     torch.save({"epoch": 3, "name": "run", "state_dict": state}, path)
-    assert_same_model(clip_surgery.load(path), vit)
+    assert_same_model(clip_surgery.load(path, quick_gelu=True), vit)
 
 
 def test_safetensors(tmp_path, resnet):
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, str(path))
-    loaded = clip_surgery.load(path)
+    loaded = clip_surgery.load(path, quick_gelu=True)
     assert_same_model(loaded, resnet)
     assert not loaded.is_vit
 
@@ -104,7 +106,7 @@ def test_safetensors(tmp_path, resnet):
 def test_resnet_inferred_at_other_size(tmp_path, resnet):
     path = tmp_path / "rn.bin"
     torch.save(resnet.state_dict(), path)
-    assert_same_model(clip_surgery.load(path), resnet, size=288)
+    assert_same_model(clip_surgery.load(path, quick_gelu=True), resnet, size=288)
 
 
 def test_named_model_with_file(tmp_path, vit):
@@ -138,9 +140,9 @@ def test_inferred_config_fields(vit, resnet):
 def test_weights_hash_depends_on_file(tmp_path, vit, resnet):
     torch.save(vit.state_dict(), tmp_path / "a.pt")
     torch.save(resnet.state_dict(), tmp_path / "b.pt")
-    first = clip_surgery.load(tmp_path / "a.pt").weights_hash
-    assert first == clip_surgery.load(tmp_path / "a.pt").weights_hash
-    assert first != clip_surgery.load(tmp_path / "b.pt").weights_hash
+    first = clip_surgery.load(tmp_path / "a.pt", quick_gelu=True).weights_hash
+    assert first == clip_surgery.load(tmp_path / "a.pt", quick_gelu=True).weights_hash
+    assert first != clip_surgery.load(tmp_path / "b.pt", quick_gelu=True).weights_hash
     assert len(first) == 16
 
 

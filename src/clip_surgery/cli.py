@@ -236,8 +236,11 @@ def run_eval(args: argparse.Namespace) -> int:
     task = args.task or ("multilabel" if runner.is_multilabel(args.dataset) else "segmentation")
     if runner.is_multilabel(args.dataset) != (task == "multilabel"):
         raise OptionError(f"--task {task} does not apply to dataset {args.dataset}")
-    if task == "segmentation":
-        runner.segmentation_dataset(args.dataset).samples(args.root)  # layout errors first
+    _refuse_flags(args, task)
+    if task == "multilabel":  # layout and file errors before the model loads
+        runner.multilabel_dataset(args.dataset, args.root)
+    else:
+        runner.segmentation_dataset(args.dataset).samples(args.root)
     model = model_from_args(args)
     common = dict(
         method=args.method,
@@ -264,6 +267,23 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         print(f"mAP: {results['map']:.2f}")
     return 0
+
+
+def _refuse_flags(args: argparse.Namespace, task: str) -> None:
+    """OptionError for a flag the task does not use, rather than ignoring it."""
+    unused = {
+        "segmentation": {"--size": args.size, "--single": args.single},
+        "explainability": {"--preset": args.preset, "--save-pred": args.save_pred},
+        "multilabel": {
+            "--preset": args.preset,
+            "--save-pred": args.save_pred,
+            "--single": args.single,
+        },
+    }[task]
+    given = [flag for flag, value in unused.items() if value]
+    if given:
+        hint = " (segmentation sizes come from --preset)" if "--size" in given else ""
+        raise OptionError(f"{', '.join(given)} does not apply to --task {task}{hint}")
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -345,17 +365,38 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="local weights file (.pt/.bin/.safetensors) or model folder",
     )
     parser.add_argument("--device", default="cpu", help="torch device (cpu)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        help="largest image accepted, in pixels (default 89478485, Pillow's bomb guard)",
+    )
+    activation = parser.add_mutually_exclusive_group()
+    activation.add_argument(
+        "--quick-gelu",
+        dest="quick_gelu",
+        action="store_const",
+        const=True,
+        help="a --checkpoint alone uses QuickGELU (OpenAI-style training)",
+    )
+    activation.add_argument(
+        "--gelu",
+        dest="quick_gelu",
+        action="store_const",
+        const=False,
+        help="a --checkpoint alone uses GELU (most open_clip training)",
+    )
 
 
 def model_from_args(args: argparse.Namespace) -> SurgeryModel:
     """Load the model the shared model options name."""
+    options = {"device": args.device, "quick_gelu": args.quick_gelu}
     if args.checkpoint is not None:
         if args.pretrained:
-            raise ClipSurgeryError("give either --pretrained or --checkpoint, not both")
+            raise OptionError("give either --pretrained or --checkpoint, not both")
         if args.model:
-            return load(args.model, str(args.checkpoint), device=args.device)
-        return load(str(args.checkpoint), device=args.device)
-    return load(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
+            return load(args.model, str(args.checkpoint), **options)
+        return load(str(args.checkpoint), **options)
+    return load(args.model or DEFAULT_MODEL, args.pretrained, **options)
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -414,6 +455,19 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    """Checks and settings every command shares, before any work: output folders, pixel limit."""
+    from .outputs import check_output_dir
+
+    for flag, name in (("--out", "out"), ("--save-pred", "save_pred")):
+        if getattr(args, name, None) is not None:
+            check_output_dir(getattr(args, name), flag)
+    if getattr(args, "max_pixels", None) is not None:
+        from .images import set_max_pixels
+
+        set_max_pixels(args.max_pixels)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a command, print bad input as one line, return the exit code."""
     args = build_parser().parse_args(argv)
@@ -428,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "classify": run_classify,
             "explain-text": run_explain_text,
         }
+        _prepare(args)
         return commands[args.command](args)
     except ClipSurgeryError as error:
         print(f"clip-surgery: error: {error}", file=sys.stderr)

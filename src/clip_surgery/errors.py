@@ -34,3 +34,7 @@ class DatasetError(ClipSurgeryError):
 class OptionError(ClipSurgeryError):
     """An unknown option, an option value of the wrong type or out of range, or conflicting
     options."""
+
+
+class OutputError(ClipSurgeryError):
+    """An output folder cannot be written (a file in the way, no permission, read-only)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, InputFileError
 from .typedefs import Size
@@ -17,17 +19,41 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def set_max_pixels(pixels: int | None) -> None:
+    """Raise (or lower) Pillow's decompression-bomb limit; ``None`` removes it."""
+    if pixels is not None and pixels <= 0:
+        raise ImageError(f"the pixel limit must be positive, got {pixels}")
+    Image.MAX_IMAGE_PIXELS = pixels
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, with a clear error for a missing or corrupt file."""
+    """Open an image file as RGB, upright (its EXIF orientation applied), with a clear error for
+    a missing, corrupt or oversized (decompression bomb) file."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise InputFileError(f"cannot read image {path}: {error}") from error
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(_bomb_message(path, error)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+        detail = " ".join(str(error).split())[:160]
+        raise InputFileError(f"cannot read image {path}: {detail}") from None
+
+
+def _bomb_message(path: Path, error: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = int(found.group(1)) if found else None
+    size = f"{pixels} pixels" if pixels else "too many pixels"
+    return (
+        f"image {path} has {size}, over the limit of {Image.MAX_IMAGE_PIXELS} that guards "
+        f"against decompression bombs; allow it with --max-pixels {pixels or 'N'} "
+        "(Python: clip_surgery.images.set_max_pixels(N))"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

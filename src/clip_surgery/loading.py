@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import InputFileError, ModelError, WeightsUnavailableError
+from .errors import InputFileError, ModelError, OptionError, WeightsUnavailableError
 from .model import SurgeryModel
 
 if TYPE_CHECKING:  # open_clip is imported where a model is built (it pulls transformers in)
@@ -62,6 +62,7 @@ def load(
     (TorchScript, fp16 or the ``openai`` tag) and for inferred architectures, the config's own
     activation otherwise.
     """
+    _check_device(device)
     text = str(name_or_path)
     if text in BUNDLED:
         return _load_bundled(text, device)
@@ -77,6 +78,20 @@ def load(
     if pretrained is not None and _looks_like_path(str(pretrained)):
         return _load_file(Path(pretrained), name, device, quick_gelu)
     return _load_pretrained(name, pretrained, device, quick_gelu)
+
+
+def _check_device(device) -> None:
+    """OptionError for a device string torch does not know or a GPU this machine lacks."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"device {device} requested but no CUDA GPU is available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise OptionError(f"device {device}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError("device mps requested but MPS is not available here")
 
 
 BUNDLED = ("tiny-synth",)
@@ -282,9 +297,16 @@ def _offline_message(name: str, tag: str, config: dict) -> str:
     hub = config.get("hf_hub") or ""
     filename = url.rsplit("/", 1)[-1] if url else f"{name}-{tag}.bin"
     where = url or (f"https://huggingface.co/{hub.rstrip('/')}" if hub else "the model's hub page")
+    if tag == "openai":  # OpenAI's files say their architecture and activation themselves
+        how = f"--checkpoint {filename} (Python: load('{filename}'))"
+    else:  # the activation is not in the file: name the model too
+        how = (
+            f"--model {name} --checkpoint {filename} "
+            f"(Python: load('{name}', pretrained='{filename}'))"
+        )
     return (
         f"could not download weights for {name} ({tag}), no connection or cache; download "
-        f"{filename} from {where} and pass it: --checkpoint {filename} (Python: load('{filename}'))"
+        f"{filename} from {where} and pass it: {how}"
     )
 
 
@@ -333,14 +355,22 @@ def _load_file(path: Path, name: str | None, device, quick_gelu) -> SurgeryModel
     import open_clip
 
     state_dict, fmt = read_state_dict(path)
+    openai_style = fmt == "torchscript" or any(key in state_dict for key in OPENAI_EXTRA_KEYS)
     state_dict = {k: v for k, v in state_dict.items() if k not in OPENAI_EXTRA_KEYS}
     if any(key.startswith(("vision_model.", "text_model.")) for key in state_dict):
         raise ModelError(
             f"{path} holds Hugging Face transformers CLIP weights without their config: pass "
             "the folder written by save_pretrained (config.json and the weights)"
         )
-    openai_style = fmt == "torchscript" or _is_half(state_dict)
     if name is None:
+        infer_config(state_dict)  # not a CLIP checkpoint: say that first
+        if quick_gelu is None and not openai_style:
+            raise ModelError(
+                f"cannot tell from {path.name} whether the model uses QuickGELU (OpenAI) or GELU "
+                "(most open_clip models): pass the model name (--model ViT-B-16 --checkpoint "
+                "FILE; Python: load('ViT-B-16', pretrained=FILE)) or the activation (--quick-gelu "
+                "or --gelu; Python: load(FILE, quick_gelu=True))"
+            )
         use_quick = True if quick_gelu is None else quick_gelu
         model = build_from_state_dict(state_dict, quick_gelu=use_quick)
         tokenizer = None  # CLIP's BPE
@@ -352,12 +382,15 @@ def _load_file(path: Path, name: str | None, device, quick_gelu) -> SurgeryModel
         _load_into(model, state_dict, f"{path} does not match {name}")
         tokenizer = open_clip.get_tokenizer(name)
         label = f"{name}/{path.name}"
+    _check_finite(model, path)
     return SurgeryModel(model.to(device).eval(), tokenizer, name=label, source=path)
 
 
-def _is_half(state_dict: dict[str, torch.Tensor]) -> bool:
-    weight = state_dict.get("visual.conv1.weight")
-    return weight is not None and weight.dtype == torch.float16
+def _check_finite(model: nn.Module, path: Path) -> None:
+    """ModelError for weights holding NaN or infinity (a corrupt file): they give NaN maps."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelError(f"{path}: tensor {name} holds NaN or infinite values (corrupt file?)")
 
 
 def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], context: str) -> None:
@@ -370,20 +403,26 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], context: s
     except RuntimeError as error:  # shape mismatches
         detail = " ".join(str(error).split())[:200]
         raise ModelError(f"{context}: {detail}") from None
-    if result.missing_keys or result.unexpected_keys:
-        missing = ", ".join(result.missing_keys[:3])
-        unexpected = ", ".join(result.unexpected_keys[:3])
-        raise ModelError(f"{context}: missing [{missing}] unexpected [{unexpected}]")
+    if result.missing_keys:
+        raise ModelError(
+            f"{context}: the checkpoint is incomplete (truncated?), {len(result.missing_keys)} "
+            f"tensors missing, e.g. {', '.join(result.missing_keys[:3])}"
+        )
+    if result.unexpected_keys:
+        raise ModelError(
+            f"{context}: the checkpoint has {len(result.unexpected_keys)} tensors this "
+            f"architecture lacks, e.g. {', '.join(result.unexpected_keys[:3])}"
+        )
 
 
 def _count(state_dict, prefix: str, suffix: str) -> int:
-    return len(
-        {
-            k[len(prefix) :].split(".")[0]
-            for k in state_dict
-            if k.startswith(prefix) and k.endswith(suffix)
-        }
-    )
+    """Blocks below ``prefix``: the highest index + 1, so a gap shows up as missing tensors."""
+    indices = [
+        int(k[len(prefix) :].split(".")[0])
+        for k in state_dict
+        if k.startswith(prefix) and k[len(prefix) :].split(".")[0].isdigit()
+    ]
+    return max(indices) + 1 if indices else 0
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -391,23 +430,39 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
     Attention heads are not stored in weights; like OpenAI and open_clip we assume 64-wide heads.
     """
+    tower = _tower_kind(state_dict)
     try:
         return {
             "embed_dim": state_dict["text_projection"].shape[1],
-            "vision_cfg": _infer_vision(state_dict),
+            "vision_cfg": _infer_vision(state_dict, tower),
             "text_cfg": _infer_text(state_dict),
         }
-    except KeyError as error:
+    except (KeyError, ValueError, IndexError) as error:
+        what = error.args[0] if isinstance(error, KeyError) else error
         raise ModelError(
-            f"cannot infer a CLIP architecture from this checkpoint (no {error}); pass the "
-            "open_clip model name too: load('ViT-B-16', pretrained='file.pt')"
+            f"cannot infer a CLIP architecture from this {tower} checkpoint: no {what!r} "
+            "(incomplete, or not a CLIP checkpoint); pass the open_clip model name too: "
+            "load('ViT-B-16', pretrained='file.pt')"
         ) from None
 
 
-def _infer_vision(sd: dict[str, torch.Tensor]) -> CLIPVisionCfg:
+def _tower_kind(sd: dict[str, torch.Tensor]) -> str:
+    if any(key.startswith("visual.transformer.resblocks.") for key in sd):
+        return "ViT"
+    if any(key.startswith("visual.layer1.") for key in sd):
+        return "ModifiedResNet"
+    raise ModelError(
+        "cannot infer a CLIP architecture from this checkpoint: it has neither ViT blocks "
+        "(visual.transformer.resblocks.*) nor ResNet layers (visual.layer1.*); pass the "
+        "open_clip model name too: load('ViT-B-16', pretrained='file.pt')"
+    )
+
+
+def _infer_vision(sd: dict[str, torch.Tensor], tower: str) -> CLIPVisionCfg:
     from open_clip.model import CLIPVisionCfg
 
-    if "visual.proj" in sd:
+    if tower == "ViT":
+        sd["visual.proj"]  # noqa: B018 - a ViT checkpoint without its projection is incomplete
         width, _, patch, _ = sd["visual.conv1.weight"].shape
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         prefix = "visual.transformer.resblocks."

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import OutputError
+
 GRID = "grid.png"
 REPORT = "explain.json"
 NAMING = (
@@ -37,6 +39,23 @@ def text_files(texts: Sequence[str]) -> list[str]:
     """One overlay file name per text: its position, then the text; never ``grid.png``."""
     width = max(2, len(str(len(texts))))
     return [f"{index:0{width}d}-{slug(text)}.png" for index, text in enumerate(texts, start=1)]
+
+
+def check_output_dir(path: Path, flag: str = "--out") -> None:
+    """OutputError, before any work, when ``path`` cannot become a folder we can write to."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise OutputError(f"{flag} {path}: cannot write in {existing} ({error.strerror})") from None
 
 
 def image_record(

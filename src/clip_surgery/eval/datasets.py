@@ -6,6 +6,9 @@ data in ``clip_surgery/data/classes``.
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -78,25 +81,37 @@ class SegmentationDataset:
             split = root / self.split
             if not split.is_file():
                 raise DatasetError(f"{self.name}: expected the split list {split}")
-            return [line.strip() for line in split.read_text().splitlines() if line.strip()]
+            keys = [line.strip() for line in _read_text(split).splitlines() if line.strip()]
+            _check_unique(keys, split)
+            return keys
         pattern = f"*/*{self.image_suffix}" if self.nested else f"*{self.image_suffix}"
         found = sorted(image_dir.glob(pattern))
         return [str(p.relative_to(image_dir))[: -len(self.image_suffix)] for p in found]
 
     def read_label(self, path: Path) -> np.ndarray:
-        """Class indices ``[H, W]`` (uint8), IGNORE where unlabelled."""
-        try:
-            with Image.open(path) as label:
-                if label.mode not in ("P", "L", "I", "I;16"):
-                    raise DatasetError(f"{path}: labels must be single-channel, got {label.mode}")
-                array = np.asarray(label).astype(np.int64)
-        except (OSError, ValueError) as error:
-            raise DatasetError(f"cannot read label {path}: {error}") from error
+        """Class indices ``[H, W]`` (uint8), IGNORE where unlabelled; DatasetError naming the
+        file for an unreadable label or a value outside the class range."""
+        array = read_index_png(path, "label")
         ignored = array == IGNORE
         if self.reduce_zero_label:  # label 0 (background) is ignored, the rest shift down by one
             array = array - 1
-        array[ignored | (array < 0) | (array >= len(self.classes))] = IGNORE
+            ignored |= array < 0
+        outside = ~ignored & ((array < 0) | (array >= len(self.classes)))
+        if outside.any():
+            value = int(array[outside][0]) + (1 if self.reduce_zero_label else 0)
+            raise DatasetError(
+                f"{path}: label value {value} is outside {self.name}'s classes "
+                f"({self.value_range()}, 255 = ignored)"
+            )
+        array[ignored] = IGNORE
         return array.astype(np.uint8)
+
+    def value_range(self) -> str:
+        """The label values this dataset's files hold, in words."""
+        count = len(self.classes)
+        if self.reduce_zero_label:
+            return f"1..{count}, 0 = ignored"
+        return f"0..{count - 1}"
 
     def layout(self) -> str:
         """A one-line description of the expected layout."""
@@ -191,6 +206,32 @@ SEGMENTATION = {
 }
 
 
+def read_index_png(path: Path, what: str) -> np.ndarray:
+    """A single-channel index PNG as int64 ``[H, W]``; DatasetError naming the file otherwise."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                if picture.mode not in ("P", "L", "I", "I;16"):
+                    raise DatasetError(
+                        f"{path}: a {what} must be a single-channel index image, got mode "
+                        f"{picture.mode}"
+                    )
+                return np.asarray(picture).astype(np.int64)
+    except DatasetError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as error:
+        detail = " ".join(str(error).split())[:120]
+        raise DatasetError(f"cannot read {what} {path}: {detail}") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"cannot read {path}: {error}") from None
+
+
 @cache
 def class_names(name: str) -> list[list[str]]:
     """The class list of a dataset: one list of names per class."""
@@ -204,6 +245,11 @@ def class_names(name: str) -> list[list[str]]:
 
 def segmentation_dataset(name: str) -> SegmentationDataset:
     """The segmentation dataset called ``name``."""
+    if name in MULTILABEL:
+        raise DatasetError(
+            f"{name} is a multi-label dataset; segmentation (and score) takes one of: "
+            f"{', '.join(SEGMENTATION)}"
+        )
     try:
         return SEGMENTATION[name]
     except KeyError:
@@ -224,6 +270,15 @@ class MultiLabelSet:
     labels: np.ndarray
 
 
+def _check_unique(items: list[str], source: Path) -> None:
+    repeated = sorted(item for item, count in Counter(items).items() if count > 1)
+    if repeated:
+        raise DatasetError(
+            f"{source}: {len(repeated)} entr(ies) listed more than once, e.g. {repeated[0]!r} "
+            "(each image must be scored once)"
+        )
+
+
 def _check_file(path: Path, name: str, what: str) -> Path:
     if not path.is_file():
         raise DatasetError(f"{name}: expected {what} {path}")
@@ -239,12 +294,19 @@ def read_voc2007(root: Path, split: str = "test") -> MultiLabelSet:
         listing = _check_file(
             base / f"ImageSets/Main/{names[0]}_{split}.txt", "voc2007", "the class list"
         )
-        rows = [line.split() for line in listing.read_text().splitlines() if line.strip()]
+        rows = [line.split() for line in _read_text(listing).splitlines() if line.strip()]
+        values = {"1": 1, "-1": 0, "0": -1}
+        for number, row in enumerate(rows, start=1):
+            if len(row) != 2 or row[1] not in values:
+                raise DatasetError(f"{listing}, line {number}: expected '<image id> 1|-1|0'")
         if keys is None:
             keys = [row[0] for row in rows]
+            _check_unique(keys, listing)
         elif [row[0] for row in rows] != keys:
             raise DatasetError(f"voc2007: {listing} lists other images than the first class file")
-        columns.append([{"1": 1, "-1": 0, "0": -1}.get(row[1], 0) for row in rows])
+        columns.append([values[row[1]] for row in rows])
+    if not keys:
+        raise DatasetError(f"voc2007: {listing} lists no images")
     samples = [
         Sample(k, _check_file(base / f"JPEGImages/{k}.jpg", "voc2007", "image"), None) for k in keys
     ]
@@ -258,21 +320,29 @@ def read_coco2014(root: Path) -> MultiLabelSet:
     annotation = _check_file(
         root / "annotations/instances_val2014.json", "coco2014", "the annotation file"
     )
-    data = json.loads(annotation.read_text())
-    category_ids = sorted(category["id"] for category in data["categories"])
-    column = {category_id: index for index, category_id in enumerate(category_ids)}
-    images = sorted(data["images"], key=lambda image: image["id"])
-    row = {image["id"]: index for index, image in enumerate(images)}
-    labels = np.zeros((len(images), len(category_ids)), dtype=np.int64)
-    for item in data["annotations"]:
-        labels[row[item["image_id"]], column[item["category_id"]]] = 1
-    samples = [
-        Sample(
-            Path(image["file_name"]).stem,
-            _check_file(root / "val2014" / image["file_name"], "coco2014", "image"),
-            None,
+    try:
+        data = json.loads(_read_text(annotation))
+        category_ids = sorted(category["id"] for category in data["categories"])
+        column = {category_id: index for index, category_id in enumerate(category_ids)}
+        images = sorted(data["images"], key=lambda image: image["id"])
+        row = {image["id"]: index for index, image in enumerate(images)}
+        labels = np.zeros((len(images), len(category_ids)), dtype=np.int64)
+        for item in data["annotations"]:
+            labels[row[item["image_id"]], column[item["category_id"]]] = 1
+        names = [image["file_name"] for image in images]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DatasetError(
+            f"{annotation}: not a COCO instances file ({type(error).__name__}: {error})"
+        ) from None
+    if len(category_ids) != len(class_names("coco2014")) or not images:
+        raise DatasetError(
+            f"{annotation}: expected 80 categories and some images, found "
+            f"{len(category_ids)} and {len(images)}"
         )
-        for image in images
+    _check_unique(names, annotation)
+    samples = [
+        Sample(Path(name).stem, _check_file(root / "val2014" / name, "coco2014", "image"), None)
+        for name in names
     ]
     return MultiLabelSet("coco2014", class_names("coco2014"), samples, labels)
 
@@ -282,14 +352,22 @@ def read_nus_wide(root: Path) -> MultiLabelSet:
     listing = _check_file(root / "ImageList/TestImagelist.txt", "nus_wide", "the image list")
     concepts_file = root / "Concepts81.txt"
     if concepts_file.is_file():
-        classes = [
-            [line.strip()] for line in concepts_file.read_text().splitlines() if line.strip()
-        ]
+        lines = _read_text(concepts_file).splitlines()
+        classes = [[line.strip()] for line in lines if line.strip()]
+        if not classes:
+            raise DatasetError(f"{concepts_file}: no concept names (one per line expected)")
+        _check_unique([names[0] for names in classes], concepts_file)
+        for names in classes:
+            if not re.fullmatch(r"[\w ()'&.-]+", names[0]):
+                raise DatasetError(f"{concepts_file}: {names[0]!r} is not a concept name")
     else:
         classes = class_names("nus_wide")
     relative = [
-        line.strip().replace("\\", "/") for line in listing.read_text().splitlines() if line.strip()
+        line.strip().replace("\\", "/") for line in _read_text(listing).splitlines() if line.strip()
     ]
+    if not relative:
+        raise DatasetError(f"{listing} lists no images")
+    _check_unique(relative, listing)
     columns = []
     for names in classes:
         labels_file = _check_file(
@@ -297,7 +375,12 @@ def read_nus_wide(root: Path) -> MultiLabelSet:
             "nus_wide",
             "the label file",
         )
-        values = [int(v) for v in labels_file.read_text().split()]
+        try:
+            values = [int(v) for v in _read_text(labels_file).split()]
+        except ValueError:
+            raise DatasetError(f"{labels_file}: expected one 0 or 1 per line") from None
+        if set(values) - {0, 1}:
+            raise DatasetError(f"{labels_file}: expected one 0 or 1 per line")
         if len(values) != len(relative):
             raise DatasetError(
                 f"nus_wide: {labels_file} has {len(values)} rows, the image list {len(relative)}"

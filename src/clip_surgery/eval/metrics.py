@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import DatasetError
 from .datasets import IGNORE
 
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 21), 2)  # the explainability grid, same for all
@@ -32,20 +33,27 @@ class ConfusionMatrix:
         )
 
     def results(self) -> dict:
-        """mIoU (mean over classes present in labels or predictions), aAcc, mAcc, per-class IoU."""
+        """mIoU over the classes present in labels or predictions (a class in neither is
+        undefined: None, left out of the mean, counted), aAcc, mAcc, per-class IoU.
+
+        DatasetError when nothing could be scored (every label pixel ignored).
+        """
         intersection = np.diag(self.matrix).astype(np.float64)
         label_area = self.matrix.sum(axis=1).astype(np.float64)
         predicted_area = self.matrix.sum(axis=0).astype(np.float64)
+        total = label_area.sum()
+        if not total:
+            raise DatasetError("nothing could be scored: every label pixel is ignored (255)")
         union = label_area + predicted_area - intersection
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = np.where(union > 0, intersection / union, np.nan)
             accuracy = np.where(label_area > 0, intersection / label_area, np.nan)
-        total = label_area.sum()
         return {
-            "miou": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else 0.0,
-            "aacc": float(intersection.sum() / total * 100) if total else 0.0,
-            "macc": float(np.nanmean(accuracy) * 100) if np.isfinite(accuracy).any() else 0.0,
+            "miou": float(np.nanmean(iou) * 100),
+            "aacc": float(intersection.sum() / total * 100),
+            "macc": float(np.nanmean(accuracy) * 100),
             "per_class_iou": [None if np.isnan(v) else float(v * 100) for v in iou],
+            "undefined_classes": int(np.isnan(iou).sum()),
         }
 
 
@@ -61,11 +69,13 @@ class ExplainabilityMeter:
         self.iou_sums = np.zeros(len(THRESHOLDS))
         self.contrast_sum = 0.0
         self.pairs = 0
+        self.undefined = 0  # masks empty or covering every valid pixel: no contrast to measure
 
     def update(self, heatmap: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> None:
         """``heatmap`` in [0, 1] and boolean ``mask``/``valid`` (not ignored), all ``[H, W]``."""
         values, inside = heatmap[valid].double(), mask[valid]
         if not inside.any() or inside.all():
+            self.undefined += 1
             return
         thresholds = torch.as_tensor(THRESHOLDS, dtype=values.dtype)
         above = values[None, :] >= thresholds[:, None]
@@ -76,9 +86,13 @@ class ExplainabilityMeter:
         self.pairs += 1
 
     def results(self) -> dict:
-        """mIoU at the best grid threshold, that threshold, and mSC (percent), over all pairs."""
+        """mIoU at the best grid threshold, that threshold, and mSC (percent), over all pairs;
+        DatasetError when no pair could be scored."""
         if not self.pairs:
-            return {"miou": 0.0, "threshold": None, "msc": 0.0, "pairs": 0}
+            raise DatasetError(
+                "nothing could be scored: no image has a labelled class that covers part, but "
+                f"not all, of its valid pixels ({self.undefined} undefined pairs)"
+            )
         mean_iou = self.iou_sums / self.pairs
         best = int(np.argmax(mean_iou))
         return {
@@ -86,27 +100,39 @@ class ExplainabilityMeter:
             "threshold": float(THRESHOLDS[best]),
             "msc": float(self.contrast_sum / self.pairs * 100),
             "pairs": self.pairs,
+            "undefined_pairs": self.undefined,
         }
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """AP of one class: mean precision at each positive, ranking by score (labels -1 ignored)."""
+    """AP of one class over all images (labels -1, VOC's difficult, left out): the sum over
+    distinct score thresholds of the recall gained there times the precision there. Tied
+    scores form one threshold, so their order does not matter (as scikit-learn's
+    ``average_precision_score``); without ties this is the mean precision at each positive.
+    NaN when the class has no positive."""
     keep = labels >= 0
     scores, labels = scores[keep], labels[keep]
-    positives = labels.sum()
+    positives = int((labels == 1).sum())
     if positives == 0:
         return float("nan")
     order = np.argsort(-scores, kind="stable")
-    hits = labels[order] == 1
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits].sum() / positives)
+    scores, hits = scores[order], (labels[order] == 1)
+    last_of_tie = np.r_[np.diff(scores) != 0, True]  # each threshold's last index
+    true_positives = np.cumsum(hits)[last_of_tie]
+    predicted = np.arange(1, len(hits) + 1)[last_of_tie]
+    recall_gain = np.diff(np.r_[0, true_positives]) / positives
+    return float((recall_gain * true_positives / predicted).sum())
 
 
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> dict:
-    """mAP (percent) over classes with at least one positive, and the per-class APs."""
+    """mAP (percent) over classes with at least one positive (the others are undefined: None,
+    counted); DatasetError when no class has a positive."""
     per_class = [average_precision(scores[:, c], labels[:, c]) for c in range(labels.shape[1])]
     valid = [ap for ap in per_class if not np.isnan(ap)]
+    if not valid:
+        raise DatasetError("nothing could be scored: no class has a positive image")
     return {
-        "map": float(np.mean(valid) * 100) if valid else 0.0,
+        "map": float(np.mean(valid) * 100),
         "per_class_ap": [None if np.isnan(ap) else ap * 100 for ap in per_class],
+        "undefined_classes": len(per_class) - len(valid),
     }

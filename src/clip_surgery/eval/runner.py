@@ -25,7 +25,13 @@ from ..images import open_image
 from ..outputs import atomic_path, write_text
 from ..tasks.segment import ClassQueries, segment
 from ..text import DEFAULT_TEMPLATES
-from .datasets import IGNORE, MULTILABEL, multilabel_dataset, segmentation_dataset
+from .datasets import (
+    IGNORE,
+    MULTILABEL,
+    multilabel_dataset,
+    read_index_png,
+    segmentation_dataset,
+)
 from .metrics import ConfusionMatrix, ExplainabilityMeter, mean_average_precision
 from .presets import PRESETS, preset_for
 
@@ -39,14 +45,29 @@ def _progress(items, enabled: bool, description: str):
     return tqdm(items, disable=not enabled, file=sys.stderr, unit="img", desc=description)
 
 
-def _header(model, dataset: str, method: str, options) -> dict:
+def _header(model, dataset: str, method: str, options, root, limit) -> dict:
     return {
         "dataset": dataset,
+        "root": str(root),
+        "split": _split(dataset),
+        "limit": limit,
         "method": method,
         "options": asdict(options),
         "model": model.name,
         "weights": model.weights_hash,
     }
+
+
+def _split(dataset: str) -> str:
+    if dataset in MULTILABEL:
+        return {"voc2007": "test", "coco2014": "val2014", "nus_wide": "Test"}[dataset]
+    spec = segmentation_dataset(dataset)
+    return spec.split or spec.images
+
+
+def _stem(dataset: str, method: str, kind: str, limit: int | None) -> str:
+    """Result file stem; a ``--limit`` run never overwrites the full run's files."""
+    return f"{dataset}-{method}-{kind}" + (f"-limit{limit}" if limit else "")
 
 
 def evaluate_segmentation(
@@ -68,10 +89,8 @@ def evaluate_segmentation(
     settings = preset_for(preset or default_preset(method), dataset)
     samples = spec.samples(root)[:limit] if limit else spec.samples(root)
     record = {
-        **_header(model, dataset, method, options),
+        **_header(model, dataset, method, options, root, limit),
         "preset": settings.settings(),
-        "root": str(root),
-        "limit": limit,
     }
     state = _State(out, record) if out else None
     matrix = ConfusionMatrix(len(spec.classes), state.matrix if state else None)
@@ -90,15 +109,21 @@ def evaluate_segmentation(
             _save_label(prediction, save_pred / f"{sample.key}.png")
         if state:
             state.save(matrix.matrix, sample.key)
+    try:
+        scored = matrix.results()
+    except DatasetError:
+        if state:
+            state.finish()  # every image was seen: a rerun must read them again, not resume
+        raise
     results = {
         **record,
-        **matrix.results(),
+        **scored,
         "images": len(samples),
         "seconds": round(time.perf_counter() - started + (state.seconds if state else 0), 2),
         "classes": [names[0] for names in spec.classes],
     }
     if out:
-        write_results(results, out, f"{dataset}-{method}-{settings.name}")
+        write_results(results, out, _stem(dataset, method, settings.name, limit))
         state.finish()
     return results
 
@@ -140,7 +165,7 @@ def evaluate_explainability(
         for heatmap, cls in zip(maps, present, strict=True):
             meter.update(heatmap, label == cls, label != IGNORE)
     results = {
-        **_header(model, dataset, method, options),
+        **_header(model, dataset, method, options, root, limit),
         "task": "explainability",
         "size": size or model.native_size,
         "single": single,
@@ -149,7 +174,7 @@ def evaluate_explainability(
         "seconds": round(time.perf_counter() - started, 2),
     }
     if out:
-        write_results(results, out, f"{dataset}-{method}-explainability")
+        write_results(results, out, _stem(dataset, method, "explainability", limit))
     return results
 
 
@@ -179,7 +204,7 @@ def evaluate_multilabel(
         found = class_scores(model, chunk, labels, method=method, options=options, size=size)
         scores.append(found.cpu().numpy())
     results = {
-        **_header(model, dataset, method, options),
+        **_header(model, dataset, method, options, root, limit),
         "task": "multilabel",
         "size": size or model.native_size,
         **mean_average_precision(np.concatenate(scores), data.labels[:count]),
@@ -187,32 +212,32 @@ def evaluate_multilabel(
         "seconds": round(time.perf_counter() - started, 2),
     }
     if out:
-        write_results(results, out, f"{dataset}-{method}-multilabel")
+        write_results(results, out, _stem(dataset, method, "multilabel", limit))
     return results
 
 
 def score_predictions(dataset: str, root, predictions: Path, out: Path | None = None) -> dict:
-    """mIoU of saved label-index PNGs (``<prediction dir>/<image id>.png``), any tool's."""
+    """mIoU of saved label PNGs, any tool's: ``<prediction dir>/<image id>.png`` (Cityscapes
+    also ``<city-less file name>.png``) holding 0-based class indices, the same index space as
+    the dataset's labels after its conventions (``SegmentationDataset.read_label``)."""
     spec = segmentation_dataset(dataset)
     samples = spec.samples(root)
     matrix = ConfusionMatrix(len(spec.classes))
     for sample in samples:
-        path = Path(predictions) / f"{sample.key}.png"
-        if not path.is_file():
-            raise DatasetError(f"missing prediction {path} for {sample.key!r}")
-        with Image.open(path) as picture:
-            prediction = np.asarray(picture)
+        path = _prediction_path(Path(predictions), sample.key)
+        prediction = read_index_png(path, "prediction")
         label = spec.read_label(sample.label)
         if prediction.shape != label.shape:
             raise DatasetError(
                 f"{path}: shape {prediction.shape} differs from its label {label.shape}"
             )
-        if prediction.max(initial=0) >= len(spec.classes):
-            raise DatasetError(f"{path}: class index {prediction.max()} >= {len(spec.classes)}")
+        _check_prediction_values(path, prediction, spec)
         matrix.update(prediction, label)
     results = {
         "dataset": dataset,
+        "root": str(root),
         "predictions": str(predictions),
+        "index_space": f"0-based class ids 0..{len(spec.classes) - 1}",
         **matrix.results(),
         "images": len(samples),
         "classes": [names[0] for names in spec.classes],
@@ -220,6 +245,32 @@ def score_predictions(dataset: str, root, predictions: Path, out: Path | None = 
     if out:
         write_results(results, out, f"{dataset}-score")
     return results
+
+
+def _prediction_path(folder: Path, key: str) -> Path:
+    path = folder / f"{key}.png"
+    flat = folder / f"{Path(key).name}.png"  # Cityscapes tools often drop the city folder
+    if path.is_file():
+        return path
+    if flat.is_file():
+        return flat
+    raise DatasetError(f"missing prediction {path} for {key!r}")
+
+
+def _check_prediction_values(path: Path, prediction: np.ndarray, spec) -> None:
+    count = len(spec.classes)
+    top, bottom = int(prediction.max(initial=0)), int(prediction.min(initial=0))
+    if bottom >= 0 and top < count:
+        return
+    hint = ""
+    if spec.reduce_zero_label and top == count:
+        hint = f" (1-based ids as in {spec.name}'s label files? subtract 1)"
+    elif spec.name == "cityscapes" and top <= 33:
+        hint = " (labelIds? convert to trainIds 0..18)"
+    raise DatasetError(
+        f"{path}: class id {top if top >= count else bottom} outside 0..{count - 1}; score "
+        f"expects 0-based class ids{hint}"
+    )
 
 
 def is_multilabel(dataset: str) -> bool:

@@ -14,14 +14,17 @@ import torch
 
 from .. import engine
 from ..errors import OptionError
+from ..typedefs import PositionMode
 from .base import GradientMethod, Scores, TextQuery
 
 
 @dataclass(frozen=True)
 class CheferOptions:
-    """start_layer: first block whose attention is accumulated (-1: the last block only)."""
+    """start_layer: first block whose attention is accumulated (-1: the last block only);
+    positions: positional-table interpolation at other input sizes."""
 
     start_layer: int = -1
+    positions: PositionMode = "bilinear"
 
 
 class Chefer(GradientMethod):
@@ -53,7 +56,9 @@ class Chefer(GradientMethod):
         def tap(point, block, tensor):  # a graph exists even when every weight is frozen
             return tensor.detach().requires_grad_(True) if point == "embed" else tensor
 
-        plan = engine.Plan(blocks=count - start, attention=attention, tap=tap)
+        plan = engine.Plan(
+            blocks=count - start, attention=attention, positions=options.positions, tap=tap
+        )
         with backbone.inference(grad=True):
             trace = engine.run(tower, images, plan)
             cosine = self.cosine(trace, query.embeddings)

@@ -9,10 +9,20 @@ CLIP's image embedding with the text embedding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
 from .. import engine
+from ..typedefs import PositionMode
 from .base import GradientMethod, Scores, TextQuery
+
+
+@dataclass(frozen=True)
+class GradCamOptions:
+    """positions: positional-table interpolation at other input sizes."""
+
+    positions: PositionMode = "bilinear"
 
 
 def cam(activations, gradients):
@@ -31,8 +41,9 @@ class GradCam(GradientMethod):
         "via Gradient-based Localization, ICCV 2017"
     )
     needs_blocks = False
+    Options = GradCamOptions
 
-    def scores(self, backbone, images, query: TextQuery, options) -> Scores:
+    def scores(self, backbone, images, query: TextQuery, options: GradCamOptions) -> Scores:
         """One backward pass per text; the user's ``requires_grad`` flags are not touched."""
         self.check(backbone)
         tower = backbone.vision
@@ -46,7 +57,7 @@ class GradCam(GradientMethod):
             return tensor
 
         with backbone.inference(grad=True):
-            trace = engine.run(tower, images, engine.Plan(tap=tap))
+            trace = engine.run(tower, images, engine.Plan(positions=options.positions, tap=tap))
             cosine = self.cosine(trace, query.embeddings)
             activations = captured["activations"]
             patches = activations[:, tower.prefix :]

@@ -49,18 +49,32 @@ def load_predictor(checkpoint: str | Path, sam_type: str = "vit_b", device: str 
             raise ModelError(
                 "segment-anything is not installed: pip install 'clip-surgery[sam]'"
             ) from None
-        return SamPredictor(sam_model_registry[sam_type](checkpoint=str(checkpoint)).to(device))
+        try:
+            sam = sam_model_registry[sam_type](checkpoint=str(checkpoint))
+        except Exception as error:  # torch.load and load_state_dict raise many types
+            raise ModelError(_sam_error(checkpoint, sam_type, error)) from None
+        return SamPredictor(sam.to(device))
     if sam_type in SAM2_CONFIGS:
         try:
             from sam2.build_sam import build_sam2
             from sam2.sam2_image_predictor import SAM2ImagePredictor
         except ImportError:
             raise ModelError("sam2 is not installed: pip install 'clip-surgery[sam2]'") from None
-        return SAM2ImagePredictor(
-            build_sam2(SAM2_CONFIGS[sam_type], str(checkpoint), device=device)
-        )
+        try:
+            sam = build_sam2(SAM2_CONFIGS[sam_type], str(checkpoint), device=device)
+        except Exception as error:  # torch.load, hydra and load_state_dict raise many types
+            raise ModelError(_sam_error(checkpoint, sam_type, error)) from None
+        return SAM2ImagePredictor(sam)
     known = ", ".join([*SAM_TYPES, *SAM2_CONFIGS])
     raise ModelError(f"unknown SAM type {sam_type!r}; known: {known}")
+
+
+def _sam_error(checkpoint: Path, sam_type: str, error: Exception) -> str:
+    detail = " ".join(str(error).split())[:140]
+    return (
+        f"{checkpoint} is not a {sam_type} SAM checkpoint (corrupt, or another --sam-type?): "
+        f"{type(error).__name__}: {detail}"
+    )
 
 
 @dataclass
