@@ -1,9 +1,13 @@
 """Every method on tiny-synth's held-out test scenes, against exact masks.
 
 Exports the test scenes in the VOC layout (dataset ``synthetic``), then reports the model's
-zero-shot accuracy, and for every method in the registry the paper's explainability mIoU / mSC
-and segmentation mIoU (preset ``sclip`` for all methods), as a Markdown table, a JSON file and a
-figure of overlays. Run: ``.venv/bin/python benchmarks/synth_benchmark.py`` (about 2 minutes).
+zero-shot accuracy, the time of one forward, and for every method in the registry the pointing
+game (``synth.pointing_game``: for each shape present, is its map's peak on that shape's exact
+mask; all shapes and shapes of at least 200 visible pixels; share of peaks on the background),
+the paper's explainability mIoU / mSC (at the model's native input size, class set = the five
+shapes) and segmentation mIoU (preset ``sclip`` for all methods), as a Markdown table, a JSON
+file and a figure of overlays. Run: ``.venv/bin/python benchmarks/synth_benchmark.py`` (a few
+minutes).
 """
 
 from __future__ import annotations
@@ -57,6 +61,19 @@ def figure(model, path: Path, scale: int = 4) -> Path:
     return save_png(fig, path)
 
 
+def forward_ms(model, repeats: int = 50) -> float:
+    """Median wall time of one plain forward (``encode_image``) of one native-size scene."""
+    scene = synth.make_scene(synth.scene_seed("test", 0))
+    image = synth._to_input(model, scene.image)[None]
+    times = []
+    for index in range(repeats + 5):
+        started = time.perf_counter()
+        model.encode_image(image, surgery=False)
+        if index >= 5:  # warm-up excluded
+            times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
 def main() -> None:
     """Run the benchmark; print the table; write JSON and the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,13 +84,15 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     model = clip_surgery.load("tiny-synth")
+    forward = forward_ms(model)
     accuracy = synth.zero_shot_accuracy(model, "test", 1000)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         synth.export_voc(folder, "test", args.count)
         for name in methods.names():
+            game = synth.pointing_game(model, name, "test", args.count)
             explain = runner.evaluate_explainability(
-                model, "synthetic", folder, name, progress=False
+                model, "synthetic", folder, name, size=None, progress=False
             )
             segment = runner.evaluate_segmentation(
                 model, "synthetic", folder, name, preset="sclip", progress=False
@@ -81,6 +100,9 @@ def main() -> None:
             rows.append(
                 {
                     "method": name,
+                    "pointing": game["all"],
+                    "pointing_large": game["large"],
+                    "background_peak": game["background_peak"],
                     "expl_miou": explain["miou"],
                     "msc": explain["msc"],
                     "threshold": explain["threshold"],
@@ -94,20 +116,36 @@ def main() -> None:
         "weights": model.weights_hash,
         "test_scenes": args.count,
         "zero_shot_accuracy_1000": accuracy,
+        "forward_ms": forward,
+        "forward_threads": torch.get_num_threads(),
+        "pointing_pairs": game["pairs"],
+        "pointing_large_pairs": game["large_pairs"],
+        "pointing_random": game["random"],
+        "pointing_random_large": game["random_large"],
         "methods": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (args.out / "synth_benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"tiny-synth zero-shot accuracy (largest shape, 1000 test scenes): {accuracy:.1%}")
     print(
-        f"{args.count} test scenes; explainability at 64 px (class set of the 5 shapes); "
-        "segmentation with preset sclip"
+        f"forward of one {model.native_size} px scene (encode_image, "
+        f"{torch.get_num_threads()} threads, median of 50): {forward:.1f} ms"
     )
-    print("| method | explainability mIoU | mSC | threshold | segmentation mIoU |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"{args.count} test scenes; pointing game over {game['pairs']} (scene, shape) pairs, "
+        f"{game['large_pairs']} of >= 200 px; explainability at {model.native_size} px "
+        "(class set of the 5 shapes); segmentation with preset sclip"
+    )
+    print(
+        "| method | pointing | pointing >= 200 px | peak on background | "
+        "explainability mIoU | mSC | threshold | segmentation mIoU |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| random point | {game['random']:.2f} | {game['random_large']:.2f} | | | | | |")
     for row in rows:
         print(
-            f"| {row['method']} | {row['expl_miou']:.1f} | {row['msc']:.1f} | "
+            f"| {row['method']} | {row['pointing']:.2f} | {row['pointing_large']:.2f} | "
+            f"{row['background_peak']:.2f} | {row['expl_miou']:.1f} | {row['msc']:.1f} | "
             f"{row['threshold']:.2f} | {row['seg_miou']:.1f} |"
         )
     print(f"({report['seconds']} s; figure: {args.figure})")

@@ -1,4 +1,4 @@
-"""Regenerate the README's task pictures with tiny-synth (offline, a few seconds).
+"""Regenerate the README's main picture and task pictures with tiny-synth (offline, seconds).
 
 Run: ``.venv/bin/python docs/make_figures.py`` (the methods figure comes from
 ``benchmarks/synth_benchmark.py``).
@@ -90,10 +90,25 @@ def words_figure(model) -> Path:
     return save_png(word_figure(picture, result), HERE / "tiny_synth_words.png")
 
 
+def main_figure() -> Path:
+    """The README's first picture: the grid the main command writes for test scene 7."""
+    import shutil
+    import tempfile
+
+    from clip_surgery.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as folder:
+        command = ["explain", str(HERE.parent / "examples/scenes/test_00007.png")]
+        command += ["--model", "tiny-synth", "--text", *synth.SHAPES, "--out", folder]
+        if cli([*command, "--no-progress"]) != 0:
+            raise SystemExit("the main command failed")
+        return Path(shutil.copy(Path(folder) / "test_00007_grid.png", HERE / "main_example.png"))
+
+
 def main() -> None:
-    """Write the three task pictures next to this script."""
+    """Write the main picture and the three task pictures next to this script."""
     model = clip_surgery.load("tiny-synth")
-    for path in (points_figure(model), classify_figure(model), words_figure(model)):
+    for path in (main_figure(), points_figure(model), classify_figure(model), words_figure(model)):
         print(path)
 
 

@@ -1,9 +1,29 @@
-"""Train tiny-synth, the small CLIP shipped with clip-surgery, from scratch on CPU.
+"""Train tiny-synth, the small CLIP shipped with clip-surgery, from scratch (CPU or CUDA).
 
-Contrastive (CLIP) loss with a learnable temperature on procedurally generated captioned scenes
-(``clip_surgery.synth``; every batch is new, seeded, so the run is reproducible). Writes the
-fp16 safetensors weights, a metrics JSON (zero-shot accuracy on the validation and test
-splits) and the loss curve as PNG.
+A CLIP: image-text contrastive training only, on procedurally generated captioned scenes
+(``clip_surgery.synth``); no mask or class label enters the loss. The recipe:
+
+- the architecture of the package's ``tiny-synth.json`` (64 px input) unless overridden
+  (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); a finer token grid for the
+  end of training: resuming 8 px-patch weights into a ``--patch-size 4`` model converts them
+  exactly (``refine_grid``: 16 x 16 tokens instead of 8 x 8);
+- hard-negative batches: each batch holds groups of ``--group`` renderings of one scene that
+  differ only in their shape categories (``synth.make_scene(seed, variant)``), so colour,
+  texture and layout alone cannot solve the batch;
+- a contrastive loss that tolerates identical captions in a batch: softmax (CLIP) cross-entropy
+  against targets spread uniformly over every pair with the same caption, or (``--loss
+  sigmoid``) SigLIP's pairwise sigmoid loss (Zhai et al., "Sigmoid Loss for Language Image
+  Pre-Training", ICCV 2023) with identical captions as positives;
+- scene generation in DataLoader worker processes (``--workers``), the training thread only
+  trains; every batch is a pure function of its step, so a run is seeded and reproducible;
+- AdamW, linear warm-up then cosine decay, learnable temperature.
+
+Stages: ``--max-minutes`` stops a run cleanly (full checkpoint ``checkpoint.pt`` and fp16
+``tiny-synth.safetensors``, whose metadata holds the step and the loss history); ``--resume``
+continues from either (from the fp16 file with a restarted optimizer), on the same schedule.
+``--device cuda`` trains on a GPU (bf16 autocast). Writes the fp16 weights, the config, a
+metrics JSON (zero-shot accuracy and the pointing game on validation scenes) and the loss
+curve.
 
 Run: ``.venv/bin/python scripts/train_tiny_synth.py --out build/tiny-synth`` and copy
 ``tiny-synth.safetensors`` / ``tiny-synth.metrics.json`` to ``src/clip_surgery/data/models/``.
@@ -23,36 +43,92 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 import clip_surgery
 from clip_surgery import synth
 from clip_surgery.images import OPENAI_MEAN, OPENAI_STD
 
 CONFIG = files("clip_surgery").joinpath("data/models/tiny-synth.json")
+GROUPS_PER_SPLIT = 10_000_000  # train seeds available (synth.SPLITS)
 
 
-def build_model(seed: int) -> torch.nn.Module:
-    """A randomly initialised tiny-synth (open_clip config from the package)."""
+def model_config(args) -> dict:
+    """The package's tiny-synth config with the command line's overrides."""
+    config = json.loads(Path(str(CONFIG)).read_text())
+    vision = config["vision_cfg"]
+    for key in ("width", "layers", "patch_size", "head_width"):
+        value = getattr(args, key)
+        if value is not None:
+            vision[key] = value
+    return config
+
+
+def build_model(config: dict, seed: int) -> torch.nn.Module:
+    """A randomly initialised open_clip CLIP of ``config``."""
     torch.manual_seed(seed)
-    open_clip.add_model_config(Path(str(CONFIG)))
-    return open_clip.create_model("tiny-synth", pretrained=None)
+    return open_clip.model.CLIP(**config)
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``[B, S, S, 3]`` to CLIP-normalised ``[B, 3, S, S]``."""
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+def to_tensor(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, S, S, 3]`` to CLIP-normalised float ``[B, 3, S, S]``."""
+    tensor = images.permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(OPENAI_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=images.device).view(1, 3, 1, 1)
     return (tensor - mean) / std
 
 
-def batch(step: int, size: int, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training batch ``step``: scenes with seeds step*size .. (step+1)*size of the train split."""
-    scenes = synth.scenes("train", size, start=step * size)
-    images = to_tensor(np.stack([s.image for s in scenes]))
-    return images, tokenizer([s.caption for s in scenes])
+class Batches(torch.utils.data.Dataset):
+    """Training batch ``step``: ``size / group`` train scenes, each in ``group`` variants.
+
+    Scene ``k`` of step ``s`` is train scene ``s * size / group + k``; its variants are
+    ``synth.make_scene(seed, 0..group-1)`` (variant 0 is the scene itself). Returns uint8
+    images ``[B, S, S, 3]``, tokens ``[B, L]`` and caption ids ``[B]`` (equal ids: equal
+    captions).
+    """
+
+    def __init__(self, size: int, group: int, context_length: int):
+        if size % group:
+            raise ValueError(f"batch size {size} is not a multiple of the group {group}")
+        self.size, self.group, self.context_length = size, group, context_length
+        self.tokenizer = None
+
+    def __len__(self) -> int:
+        return GROUPS_PER_SPLIT // (self.size // self.group)
+
+    def __getitem__(self, step: int):
+        if self.tokenizer is None:
+            self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        per_step = self.size // self.group
+        scenes = [
+            synth.make_scene(synth.scene_seed("train", step * per_step + k), variant)
+            for k in range(per_step)
+            for variant in range(self.group)
+        ]
+        captions = [s.caption for s in scenes]
+        first = {}
+        ids = torch.tensor([first.setdefault(c, len(first)) for c in captions])
+        images = torch.from_numpy(np.stack([s.image for s in scenes]))
+        return images, self.tokenizer(captions), ids
+
+
+def contrastive_loss(image, text, scale, same, kind: str, bias=None) -> torch.Tensor:
+    """CLIP's symmetric softmax loss with identical captions as shared positives, or SigLIP's.
+
+    ``same[i, j]``: captions i and j are identical (always true on the diagonal). Softmax: the
+    cross-entropy of each row (images to texts) and column (texts to images) against the
+    uniform distribution over its positives. Sigmoid: mean over rows of the summed
+    ``-log sigmoid(+-(scale * cosine + bias))`` (Zhai et al., ICCV 2023).
+    """
+    logits = scale * image @ text.T
+    if kind == "sigmoid":
+        signs = same.float() * 2 - 1
+        return -F.logsigmoid(signs * (logits + bias)).sum() / len(logits)
+    target = same.float() / same.float().sum(dim=1, keepdim=True)
+    rows = -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    columns = -(target * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return (rows + columns) / 2
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -62,7 +138,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
-def save_loss_curve(losses: list[float], path: Path) -> None:
+def save_loss_curve(losses: list[float], path: Path, title: str) -> None:
     """The training loss (and its moving average) as a PNG."""
     import matplotlib
 
@@ -76,76 +152,255 @@ def save_loss_curve(losses: list[float], path: Path) -> None:
     axis.plot(np.arange(window - 1, len(losses)), smooth, label=f"mean of {window}")
     axis.set_xlabel("step")
     axis.set_ylabel("contrastive loss")
-    axis.set_title("tiny-synth training")
+    axis.set_title(title)
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
+def evaluate(model, tokenizer, count: int, pointing_count: int) -> dict:
+    """Zero-shot accuracy and the pointing game (raw, clip_surgery) on validation scenes."""
+    wrapped = clip_surgery.wrap(model, tokenizer, name="tiny-synth")
+    result = {"val_zero_shot": synth.zero_shot_accuracy(wrapped, "val", count)}
+    for method in ("raw", "clip_surgery"):
+        game = synth.pointing_game(wrapped, method, "val", pointing_count)
+        result[f"val_pointing_{method}"] = round(game["all"], 4)
+        result[f"val_pointing_{method}_large"] = round(game["large"], 4)
+        result[f"val_background_peak_{method}"] = round(game["background_peak"], 4)
+    return result
+
+
+def save_weights(
+    model, path: Path, step: int, losses: list[float], extra: dict, schedule_start: int = 0
+) -> None:
+    """fp16 weights; metadata: the step reached, where the schedule began, the loss history
+    and ``extra`` (JSON)."""
+    state = {k: v.detach().half().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "step": str(step),
+        "schedule_start": str(schedule_start),
+        "losses": json.dumps([round(v, 4) for v in losses]),
+        "extra": json.dumps(extra),
+    }
+    save_file(state, str(path), metadata=metadata)
+
+
+def refine_grid(state: dict, model) -> dict:
+    """Weights of a ``p``-px-patch ViT for ``p/2``-px patches at the same input size.
+
+    A ``p/2`` kernel summing each 2 x 2 block of the ``p`` kernel sees a scene exactly as the
+    old model saw it upsampled twice (nearest), and the positional table is resized bilinearly
+    to the doubled grid (patch-size resizing in the spirit of FlexiViT, Beyer et al., CVPR 2023).
+    """
+    kernel = state["visual.conv1.weight"]
+    wanted = model.state_dict()["visual.conv1.weight"].shape
+    if kernel.shape == wanted:
+        return state
+    if kernel.shape[-1] != 2 * wanted[-1]:
+        raise ValueError(f"cannot turn patches {tuple(kernel.shape)} into {tuple(wanted)}")
+    out, channels, size, _ = kernel.shape
+    state = dict(state)
+    state["visual.conv1.weight"] = kernel.reshape(out, channels, size // 2, 2, size // 2, 2).sum(
+        dim=(3, 5)
+    )
+    table = state["visual.positional_embedding"]
+    grid = math.isqrt(table.shape[0] - 1)
+    patches = table[1:].T.reshape(1, -1, grid, grid)
+    patches = F.interpolate(
+        patches, size=(2 * grid, 2 * grid), mode="bilinear", align_corners=False
+    )
+    state["visual.positional_embedding"] = torch.cat([table[:1], patches[0].flatten(1).T])
+    return state
+
+
+def restore(path: Path, model, optimizer, bias) -> tuple[int, list[float], int]:
+    """Resume from ``checkpoint.pt`` (everything) or fp16 safetensors (weights; new optimizer;
+    a model with half the patch size gets converted weights, see ``refine_grid``)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {k: handle.get_tensor(k).float() for k in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+        model.load_state_dict(refine_grid(state, model))
+        extra = json.loads(metadata.get("extra", "{}"))
+        if bias is not None and "logit_bias" in extra:
+            bias.data.fill_(extra["logit_bias"])
+        step, losses = int(metadata.get("step", 0)), json.loads(metadata.get("losses", "[]"))
+        return step, losses, int(metadata.get("schedule_start", 0))
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if bias is not None:
+        bias.data.copy_(saved["bias"])
+    return saved["step"], saved["losses"], saved.get("schedule_start", 0)
+
+
 def main() -> None:
-    """Train, evaluate, save weights, metrics and the loss curve."""
+    """Train (or resume), evaluate, save weights, config, metrics and the loss curve."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/tiny-synth"))
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6000, help="length of the schedule")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--group", type=int, default=4, help="variants per scene in a batch")
+    parser.add_argument("--loss", choices=("softmax", "sigmoid"), default="softmax")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="scene-generating processes")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument("--head-width", type=int, default=None)
+    parser.add_argument("--resume", type=Path, default=None, help="checkpoint.pt or .safetensors")
+    parser.add_argument(
+        "--new-schedule",
+        action="store_true",
+        help="with --resume: warm-up and cosine run from the resumed step to --steps",
+    )
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop this stage then")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps")
     parser.add_argument("--eval-count", type=int, default=1000)
+    parser.add_argument("--pointing-count", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     args.out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.seed)
-    model.train()
+    config = model_config(args)
+    (args.out / "tiny-synth.json").write_text(json.dumps(config, indent=4) + "\n")
+    model = build_model(config, args.seed).to(device)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+    bias = (
+        torch.nn.Parameter(torch.tensor(-10.0, device=device)) if args.loss == "sigmoid" else None
+    )
+    if bias is not None:  # SigLIP's initialisation: t = 10, b = -10
+        model.logit_scale.data.fill_(math.log(10))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": other + ([bias] if bias is not None else []), "weight_decay": 0.0},
+        ],
         lr=args.lr,
         betas=(0.9, 0.98),
         eps=1e-6,
     )
-    losses, started = [], time.perf_counter()
-    progress = tqdm(range(args.steps), file=sys.stderr, unit="step")
-    for step in progress:
+    start, losses, schedule_start = 0, [], 0
+    if args.resume is not None:
+        start, losses, schedule_start = restore(args.resume, model, optimizer, bias)
+        losses = losses[:start]
+        schedule_start = start if args.new_schedule else schedule_start
+        print(f"resumed from {args.resume} at step {start}", file=sys.stderr)
+    data = torch.utils.data.DataLoader(
+        Batches(args.batch_size, args.group, model.context_length),
+        batch_size=None,
+        sampler=range(start, args.steps),
+        num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    history, started, step = [], time.perf_counter(), start
+    stopped_early = False
+
+    def checkpoint(step: int) -> None:
+        extra = {"logit_bias": float(bias)} if bias is not None else {}
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "bias": bias.detach().cpu() if bias is not None else None,
+                "step": step,
+                "losses": losses,
+                "schedule_start": schedule_start,
+                "args": vars(args) | {"out": str(args.out), "resume": str(args.resume)},
+            },
+            args.out / "checkpoint.pt",
+        )
+        save_weights(
+            model, args.out / "tiny-synth.safetensors", step, losses, extra, schedule_start
+        )
+
+    model.train()
+    for step, (images, tokens, ids) in enumerate(data, start=start):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        images, tokens = batch(step, args.batch_size, tokenizer)
-        image_features, text_features, scale = model(images, tokens)
-        logits = scale * image_features @ text_features.T
-        target = torch.arange(len(logits))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            group["lr"] = learning_rate(
+                step - schedule_start, args.steps - schedule_start, args.lr, args.warmup
+            )
+        images = to_tensor(images.to(device, non_blocking=True))
+        tokens, ids = tokens.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            image_features, text_features, scale = model(images, tokens)
+        same = ids[:, None] == ids[None, :]
+        loss = contrastive_loss(
+            image_features.float(), text_features.float(), scale.float(), same, args.loss, bias
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
-        progress.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale.item():.1f}")
+        elapsed = time.perf_counter() - started
+        if (step + 1) % args.log_every == 0 or step == start:
+            rate = (step + 1 - start) / elapsed
+            print(
+                f"step {step + 1}/{args.steps} loss {np.mean(losses[-50:]):.4f} "
+                f"scale {scale.item():.1f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"{rate:.2f} steps/s {elapsed / 60:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            model.eval()
+            found = evaluate(model, tokenizer, 500, args.pointing_count)
+            history.append({"step": step + 1, **found})
+            print(json.dumps(history[-1]), file=sys.stderr, flush=True)
+            model.train()
+        if (step + 1) % args.checkpoint_every == 0:
+            checkpoint(step + 1)
+        if args.max_minutes is not None and elapsed > args.max_minutes * 60:
+            stopped_early = step + 1 < args.steps
+            break
+    reached = step + 1 if losses[start:] else start
     seconds = time.perf_counter() - started
+    checkpoint(reached)
     model.eval()
-    wrapped = clip_surgery.wrap(model, tokenizer, name="tiny-synth")
     metrics = {
+        "config": config,
         "steps": args.steps,
+        "reached_step": reached,
+        "finished": not stopped_early and reached >= args.steps,
         "batch_size": args.batch_size,
+        "group": args.group,
+        "loss": args.loss,
         "lr": args.lr,
+        "warmup": args.warmup,
+        "weight_decay": args.weight_decay,
         "seed": args.seed,
+        "device": str(device)
+        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
         "threads": args.threads,
-        "train_seconds": round(seconds, 1),
+        "workers": args.workers,
+        "resumed_from": str(args.resume) if args.resume else None,
+        "new_schedule_from": schedule_start,
+        "stage_seconds": round(seconds, 1),
         "final_loss": float(np.mean(losses[-50:])),
-        "val_zero_shot_accuracy": synth.zero_shot_accuracy(wrapped, "val", args.eval_count),
-        "test_zero_shot_accuracy": synth.zero_shot_accuracy(wrapped, "test", args.eval_count),
-        "eval_count": args.eval_count,
+        "history": history,
         "torch": torch.__version__,
     }
-    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / "tiny-synth.safetensors"))
+    if metrics["finished"]:
+        metrics |= evaluate(model, tokenizer, args.eval_count, args.pointing_count)
+        metrics["eval_count"] = args.eval_count
     (args.out / "tiny-synth.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_loss_curve(losses, args.out / "tiny-synth-loss.png")
-    print(json.dumps(metrics, indent=2))
+    save_loss_curve(losses, args.out / "tiny-synth-loss.png", "tiny-synth training")
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
 
 
 if __name__ == "__main__":

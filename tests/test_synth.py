@@ -42,6 +42,27 @@ def test_labels_match_objects_and_captions(index):
     assert total == int((scene.labels > 0).sum())
 
 
+@pytest.mark.parametrize("index", range(8))
+def test_variants_change_only_the_shapes(index):
+    seed = synth.scene_seed("train", index)
+    scene, again = synth.make_scene(seed), synth.make_scene(seed, variant=0)
+    assert np.array_equal(scene.image, again.image) and scene.caption == again.caption
+    variant = synth.make_scene(seed, variant=1 + index % 3)
+    assert np.array_equal(variant.image, synth.make_scene(seed, variant=1 + index % 3).image)
+    assert variant.background == scene.background
+    # same colours, textures and sizes in drawing order; other shape categories
+    keep = [(o.colour, o.texture, o.size) for o in scene.objects]
+    assert [(o.colour, o.texture, o.size) for o in variant.objects] == keep or (
+        len(variant.objects) != len(scene.objects)  # an object can be hidden in one of them
+    )
+    assert [o.shape for o in variant.objects] != [o.shape for o in scene.objects]
+    # pixels no shape covers in either rendering are identical (same background and noise)
+    free = (scene.labels == 0) & (variant.labels == 0)
+    assert np.array_equal(scene.image[free], variant.image[free])
+    present = {synth.CLASSES[c] for c in np.unique(variant.labels) if c}
+    assert present == {o.shape for o in variant.objects if o.pixels > 0}
+
+
 def test_export_is_readable_by_the_harness(tmp_path):
     keys = synth.export_voc(tmp_path, "test", 5)
     spec = SEGMENTATION["synthetic"]
@@ -63,6 +84,25 @@ def test_bundled_model_loads_offline_and_reaches_its_stated_accuracy():
     accuracy = synth.zero_shot_accuracy(model, "test", stated["eval_count"])
     assert accuracy == pytest.approx(stated["shipped_test_zero_shot_accuracy"], abs=0.01)
     assert accuracy > 0.5  # far above the 20% of guessing among five shapes
+
+
+def _stated() -> dict:
+    return json.loads(
+        files("clip_surgery").joinpath("data/models/tiny-synth.metrics.json").read_text()
+    )
+
+
+@pytest.mark.parametrize("method", ["raw", "clip_surgery"])
+def test_bundled_model_points_at_the_shapes_as_stated(method):
+    """The pointing game on the 200 test scenes, pinned within the stated tolerance."""
+    stated = _stated()
+    pinned = stated["shipped_pointing"][method]
+    tolerance = stated["pointing_tolerance"]
+    game = synth.pointing_game(clip_surgery.load("tiny-synth"), method, "test", 200)
+    assert game["pairs"] == pinned["pairs"]
+    assert game["all"] == pytest.approx(pinned["all"], abs=tolerance)
+    assert game["large"] == pytest.approx(pinned["large"], abs=tolerance)
+    assert game["background_peak"] == pytest.approx(pinned["background_peak"], abs=tolerance)
 
 
 def test_bundled_model_explains_a_scene():

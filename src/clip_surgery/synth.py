@@ -3,6 +3,13 @@
 Every scene is a pure function of its seed: 1-4 coloured, textured shapes (some overlapping) on
 a textured background ("stuff"), an exact label map (0 = background, then one class per shape
 category) and a caption in varied phrasings. Splits use disjoint seed ranges.
+
+``make_scene(seed, variant=k)`` for ``k > 0`` renders the same scene (background, colours,
+textures, positions, sizes, angles, noise, caption wording) with other shape categories: groups
+of such variants in one training batch are hard negatives that colour, texture and layout alone
+cannot tell apart, so a contrastive model has to see shape (the idea of hard-negative batches as
+in Robinson et al., "Contrastive Learning with Hard Negative Samples", ICLR 2021; here the
+negatives are rendered, not mined).
 """
 
 from __future__ import annotations
@@ -59,9 +66,19 @@ def scene_seed(split: str, index: int) -> int:
     return SPLITS[split] + index
 
 
-def _grid() -> tuple[np.ndarray, np.ndarray]:
+def _make_grid() -> tuple[np.ndarray, np.ndarray]:
     ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    return ys + 0.5, xs + 0.5
+    ys, xs = ys + 0.5, xs + 0.5
+    ys.flags.writeable = xs.flags.writeable = False
+    return ys, xs
+
+
+_GRID = _make_grid()
+
+
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (read-only, computed once)."""
+    return _GRID
 
 
 def _shape_mask(shape: str, cy: float, cx: float, radius: float, angle: float) -> np.ndarray:
@@ -139,8 +156,9 @@ def _describe(obj: SceneObject, rng: np.random.Generator) -> str:
 
 
 def _caption(objects: list[SceneObject], background: str, rng: np.random.Generator) -> str:
-    ordered = sorted(objects, key=lambda o: -o.pixels)
-    mentioned = [o for o in ordered if o.pixels > 0][: int(rng.integers(1, 4))]
+    """Names the k largest visible shapes, largest first; k uniform in 1..(visible count)."""
+    ordered = [o for o in sorted(objects, key=lambda o: -o.pixels) if o.pixels > 0]
+    mentioned = ordered[: int(rng.integers(1, len(ordered) + 1))]
     parts = [_describe(o, rng) for o in mentioned]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     form = rng.integers(0, 5)
@@ -156,27 +174,58 @@ def _caption(objects: list[SceneObject], background: str, rng: np.random.Generat
     return text
 
 
-def make_scene(seed: int) -> Scene:
-    """The scene of ``seed``: deterministic image, labels and caption."""
+def _variant_shapes(drawn: list[int], seed: int, variant: int) -> list[int]:
+    """Other shape categories for the objects of scene ``seed`` (variant > 0), never ``drawn``.
+
+    Half of the variants permute the scene's own shapes among its objects when that changes
+    anything (so which shape is the larger one matters), the others draw new categories.
+    """
+    rng = np.random.default_rng([seed, variant])
+    if len(set(drawn)) > 1 and rng.random() < 0.5:
+        while True:
+            shuffled = [drawn[i] for i in rng.permutation(len(drawn))]
+            if shuffled != drawn:
+                return shuffled
+    while True:
+        fresh = [int(v) for v in rng.integers(len(SHAPES), size=len(drawn))]
+        if fresh != drawn:
+            return fresh
+
+
+def make_scene(seed: int, variant: int = 0) -> Scene:
+    """The scene of ``seed``: deterministic image, labels and caption.
+
+    ``variant > 0``: the same scene with other shape categories (see the module docstring);
+    variant 0 is the scene itself.
+    """
     rng = np.random.default_rng(seed)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     image = _background(background, rng)
     labels = np.zeros((SIZE, SIZE), np.uint8)
     objects = []
     owner = np.full((SIZE, SIZE), -1)
-    for index in range(int(rng.integers(1, 5))):
-        shape = SHAPES[rng.integers(len(SHAPES))]
+    drawn = []  # the random stream never depends on a shape's category, so swapping is exact
+    for _ in range(int(rng.integers(1, 5))):
+        shape = int(rng.integers(len(SHAPES)))
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         texture = TEXTURES[rng.integers(len(TEXTURES))]
         large = rng.random() < 0.5
         radius = rng.uniform(12, 17) if large else rng.uniform(6.5, 10)
         cy, cx = rng.uniform(radius * 0.7, SIZE - radius * 0.7, 2)
-        mask = _shape_mask(shape, cy, cx, radius, rng.uniform(0, np.pi))
+        angle = rng.uniform(0, np.pi)
         fill = _texture(texture, np.array(COLOURS[colour], np.float32), rng)
+        drawn.append((shape, colour, texture, large, radius, cy, cx, angle, fill))
+    shapes = [d[0] for d in drawn]
+    if variant:
+        shapes = _variant_shapes(shapes, seed, variant)
+    for index, (shape, (_, colour, texture, large, radius, cy, cx, angle, fill)) in enumerate(
+        zip(shapes, drawn, strict=True)
+    ):
+        mask = _shape_mask(SHAPES[shape], cy, cx, radius, angle)
         image = np.where(mask[..., None], fill, image)
-        labels[mask] = SHAPES.index(shape) + 1
+        labels[mask] = shape + 1
         owner[mask] = index
-        objects.append(SceneObject(shape, colour, texture, "large" if large else "small"))
+        objects.append(SceneObject(SHAPES[shape], colour, texture, "large" if large else "small"))
     for index, obj in enumerate(objects):
         obj.pixels = int((owner == index).sum())
     objects = [o for o in objects if o.pixels > 0] or objects
@@ -234,3 +283,57 @@ def _to_input(model, image: np.ndarray):
     from PIL import Image
 
     return model.preprocess(Image.fromarray(image))
+
+
+def pointing_game(
+    model,
+    method: str = "clip_surgery",
+    split: str = "test",
+    count: int = 200,
+    *,
+    min_pixels: int = 200,
+    batch: int = 50,
+    **options,
+) -> dict:
+    """The pointing game of ``method`` on ``count`` scenes of ``split``, class set = SHAPES.
+
+    For each shape category present in a scene, its map (``model.explain`` at the native size,
+    the maps of ``clip_surgery.features.similarity_map`` at the scene's size) scores a hit when
+    its peak pixel lies on that category's exact mask (``eval.metrics.pointing_hits``). Returns
+    the hit rate over all (scene, shape) pairs, over pairs of at least ``min_pixels`` visible
+    pixels (``large``), the expected rate of a uniformly random point (``random``), the share of
+    peaks on the background (``background_peak``) and the pair counts.
+    """
+    import torch
+
+    from .eval.metrics import pointing_hits
+    from .features import similarity_map
+
+    hits, sizes, background, chance = [], [], [], []
+    for begin in range(0, count, batch):
+        chunk = scenes(split, min(batch, count - begin), start=begin)
+        images = torch.stack([_to_input(model, s.image) for s in chunk])
+        result = model.explain(images, list(SHAPES), method=method, **options)
+        maps = similarity_map(result.similarity.float().cpu(), (SIZE, SIZE), result.grid)
+        for scene, scene_maps in zip(chunk, maps, strict=True):
+            labels = torch.from_numpy(scene.labels.astype(np.int64))
+            present = [c for c in torch.unique(labels).tolist() if c > 0]
+            heatmaps = scene_maps[[c - 1 for c in present]]
+            masks = torch.stack([labels == c for c in present])
+            hits += pointing_hits(heatmaps, masks).tolist()
+            background += pointing_hits(heatmaps, (labels == 0).expand_as(masks)).tolist()
+            sizes += masks.sum(dim=(1, 2)).tolist()
+            chance += (masks.double().mean(dim=(1, 2))).tolist()
+    hits_array, sizes_array = np.array(hits), np.array(sizes)
+    large = sizes_array >= min_pixels
+    return {
+        "method": method,
+        "all": float(hits_array.mean()),
+        "large": float(hits_array[large].mean()),
+        "random": float(np.mean(chance)),
+        "random_large": float(np.array(chance)[large].mean()),
+        "background_peak": float(np.mean(background)),
+        "pairs": int(len(hits)),
+        "large_pairs": int(large.sum()),
+        "min_pixels": min_pixels,
+    }

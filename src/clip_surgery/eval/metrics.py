@@ -136,3 +136,30 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> dict:
         "per_class_ap": [None if np.isnan(ap) else ap * 100 for ap in per_class],
         "undefined_classes": len(per_class) - len(valid),
     }
+
+
+def pointing_hits(
+    heatmaps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The pointing game: does each map's peak pixel lie on its object's mask?
+
+    Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016; here with no
+    tolerance radius: the peak must fall on the exact mask. ``heatmaps`` ``[K, H, W]`` (any
+    scale), boolean ``masks`` ``[K, H, W]`` and optional boolean ``valid`` ``[H, W]`` or
+    ``[K, H, W]`` (pixels outside it are never the peak). The peak is the first maximum in
+    raster order (row by row), so ties resolve deterministically. Returns bool ``[K]``.
+    """
+    if heatmaps.dim() != 3 or heatmaps.shape != masks.shape:
+        raise ValueError(
+            f"expected heatmaps and masks [K, H, W] alike, got {tuple(heatmaps.shape)} "
+            f"and {tuple(masks.shape)}"
+        )
+    count, height, width = heatmaps.shape
+    values = heatmaps.detach().double().reshape(count, -1).clone()
+    if valid is not None:
+        allowed = valid.expand(count, height, width).reshape(count, -1)
+        values[~allowed] = -torch.inf
+    values[torch.isnan(values)] = -torch.inf
+    top = values.max(dim=1, keepdim=True).values
+    peak = (values == top).double().argmax(dim=1)  # the first index holding the maximum
+    return masks.reshape(count, -1).gather(1, peak[:, None])[:, 0].bool()
