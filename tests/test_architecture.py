@@ -93,9 +93,16 @@ def test_import_is_light():
 
 
 def test_no_comment_points_outside_the_repository():
-    for path in PACKAGE.rglob("*.py"):
+    root = PACKAGE.parents[1]
+    sources = [*PACKAGE.rglob("*.py")] + [
+        path
+        for folder in ("tests", "benchmarks", "scripts", "docs")
+        for path in (root / folder).rglob("*.py")
+    ]
+    for path in sources:
         text = path.read_text(encoding="utf-8")
-        assert "METHOD.md" not in text and "PROTOCOLS.md" not in text, path
+        for spec in ("METHOD", "PROTOCOLS", "ARCHITECTURE"):  # split so this file passes too
+            assert spec + ".md" not in text, path
         for cited in ("docs/method.md", "docs/protocols.md", "docs/architecture.md"):
             if cited in text:
                 assert (PACKAGE.parents[1] / cited).is_file(), cited

@@ -1,4 +1,4 @@
-"""The surgery forward against a straightforward implementation written here from METHOD.md."""
+"""The surgery forward against a straightforward implementation written here from docs/method.md."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ TOLERANCE = 2e-4
 SIZES = [(224, 224), (448, 448), (224, 320)]
 
 
-# ------------------------------------------------------------------ reference (METHOD.md 2-3)
+# ------------------------------------------------------------------ reference (docs/method.md 2-3)
 
 
 def ref_layer_norm(x, norm):

@@ -1,4 +1,4 @@
-"""Feature surgery, similarity maps and points against explicit implementations of METHOD.md."""
+"""Feature surgery, similarity maps and points against explicit implementations of docs/method.md."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_constant_map_gives_zeros_not_nan():
 
 
 def explicit_points(grid_map, shape, t=0.8, down=2):
-    """METHOD.md 5, written out with Python loops (reference ordering)."""
+    """docs/method.md section 5, written out with Python loops (reference ordering)."""
     side_h, side_w = grid_map.shape
     small = F.interpolate(
         grid_map[None, None], (side_h // down, side_w // down), mode="bilinear", align_corners=False
