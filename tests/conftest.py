@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before huggingface_hub is imported
+# The text-embedding disk cache of this test session (and its CLI subprocesses): never the
+# user's own cache folder.
+os.environ.setdefault("CLIP_SURGERY_CACHE", tempfile.mkdtemp(prefix="clip-surgery-tests-"))
 
 import numpy as np
 import pytest

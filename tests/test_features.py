@@ -1,4 +1,4 @@
-"""Feature surgery, similarity maps and points against explicit implementations of docs/method.md."""
+"""Feature surgery, similarity maps and points against explicit forms of docs/method.md."""
 
 from __future__ import annotations
 

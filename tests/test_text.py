@@ -54,10 +54,12 @@ def test_templates_none_and_custom(model):
 
 
 def test_cache_avoids_recomputing(model, monkeypatch):
+    monkeypatch.setattr(model, "cache_dir", None)  # the memory cache alone
     model.encode_text(["zebra", "horse"])
     calls = []
-    original = model.clip.encode_text
-    monkeypatch.setattr(model.clip, "encode_text", lambda t: calls.append(len(t)) or original(t))
+    tower = model.backbone.text
+    original = tower.encode
+    monkeypatch.setattr(tower, "encode", lambda t: calls.append(len(t)) or original(t))
     again = model.encode_text(["horse", "zebra"])
     assert calls == []
     assert relative_error(again[1], model.encode_text(["zebra"])[0]) == 0

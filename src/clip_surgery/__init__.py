@@ -3,9 +3,17 @@
 CLIP Surgery (Li et al., "A Closer Look at the Explainability of Contrastive Language-Image
 Pre-training", Pattern Recognition 2025, arXiv 2304.05653) and its peers, on open_clip and
 Hugging Face transformers CLIP models, through one API.
+
+The public names below are imported on first use, so ``import clip_surgery`` (and the command
+line's ``--help``) stays fast: torch and open_clip load when a model is first needed.
 """
 
-from . import methods
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .defaults import DEFAULT_METHOD
 from .errors import (
     ClipSurgeryError,
     DatasetError,
@@ -16,16 +24,47 @@ from .errors import (
     TextError,
     WeightsUnavailableError,
 )
-from .features import feature_surgery, similarity_map
-from .loading import load, wrap
-from .model import Explanation, SurgeryModel
-from .points import points_for_targets, points_from_map
-from .text import DEFAULT_TEMPLATES
 
 __version__ = "0.2.0"
 
+_LAZY = {
+    "methods": (".methods", None),
+    "feature_surgery": (".features", "feature_surgery"),
+    "similarity_map": (".features", "similarity_map"),
+    "load": (".loading", "load"),
+    "wrap": (".loading", "wrap"),
+    "Explanation": (".model", "Explanation"),
+    "SurgeryModel": (".model", "SurgeryModel"),
+    "points_for_targets": (".points", "points_for_targets"),
+    "points_from_map": (".points", "points_from_map"),
+    "DEFAULT_TEMPLATES": (".text", "DEFAULT_TEMPLATES"),
+}
 
-def explain(model: SurgeryModel, images, texts, method: str = "clip_surgery", **options):
+if TYPE_CHECKING:
+    from . import methods
+    from .features import feature_surgery, similarity_map
+    from .loading import load, wrap
+    from .model import Explanation, SurgeryModel
+    from .points import points_for_targets, points_from_map
+    from .text import DEFAULT_TEMPLATES
+
+
+def __getattr__(name: str):
+    """Import a public name on first use (PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'clip_surgery' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name, __name__)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def explain(model: SurgeryModel, images, texts, method: str = DEFAULT_METHOD, **options):
     """Maps ``[B, T, H, W]`` in [0, 1] and dense scores of any registered method.
 
     The same as ``model.explain(images, texts, method=method, **options)``.

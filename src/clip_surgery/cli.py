@@ -5,24 +5,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
-
+# Only light imports here: --help, `methods`, `backbones` and argument errors never load torch,
+# open_clip or matplotlib; each command imports what it needs.
 from . import __version__
-from .errors import ClipSurgeryError, ImageError, OptionError
-from .images import list_images, open_image
-from .loading import load
-from .methods import DEFAULT_METHOD, METHODS
-from .methods import get as get_method
-from .model import SurgeryModel
-from .text import check_texts
+from .defaults import DEFAULT_METHOD, DEFAULT_MODEL, DISPLAY_MAX_SIDE, MAX_INPUT_SIDE
+from .errors import ClipSurgeryError, ImageError, ModelError, OptionError
 
-DEFAULT_MODEL = "ViT-B/16"
+if TYPE_CHECKING:
+    from .model import SurgeryModel
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,12 +139,17 @@ def _threshold(text: str) -> float | str:
 
 def run_segment(args: argparse.Namespace) -> int:
     """The ``segment`` command: a mask PNG and an overlay with the prompts per target."""
+    import numpy as np
+    from PIL import Image
+
+    from .images import open_image
     from .outputs import slug
     from .tasks.sam import load_predictor, mask_overlay, segment_text
+    from .text import check_texts
     from .viz import save_png
 
     threshold = _threshold(args.threshold)
-    image = open_image(args.image)
+    image = open_image(args.image, args.max_side or None)
     check_texts([t for target in args.text for t in target.split("+")])
     predictor = load_predictor(args.sam_checkpoint, args.sam_type, args.device)
     model = model_from_args(args)
@@ -180,9 +182,11 @@ def run_segment(args: argparse.Namespace) -> int:
 
 def run_classify(args: argparse.Namespace) -> int:
     """The ``classify`` command: labels ranked by score."""
+    from .images import open_image
     from .tasks.classify import class_scores, ranked
+    from .text import check_texts
 
-    image = open_image(args.image)
+    image = open_image(args.image, args.max_side or None)
     labels = check_texts(args.labels)
     model = model_from_args(args)
     scores = class_scores(model, image, labels, surgery=not args.plain, size=args.size)[0]
@@ -197,10 +201,12 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def run_explain_text(args: argparse.Namespace) -> int:
     """The ``explain-text`` command: word importances and a figure of per-word maps."""
+    from .images import open_image
     from .tasks.words import explain_words, word_figure
+    from .text import check_texts
     from .viz import save_png
 
-    image = open_image(args.image)
+    image = open_image(args.image, args.max_side or None)
     check_texts([args.caption])
     model = model_from_args(args)
     result = explain_words(model, image, args.caption, size=args.size)
@@ -229,6 +235,7 @@ def run_explain_text(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     """The ``eval`` command; the last line printed is the headline metric."""
     from .eval import runner
+    from .methods import get as get_method
 
     if args.limit is not None and args.limit <= 0:
         raise OptionError("--limit must be positive")
@@ -313,7 +320,9 @@ def parse_option_pairs(pairs: Sequence[str], depth: int | None) -> dict[str, str
 
 def run_methods(args: argparse.Namespace) -> int:
     """The ``methods`` command: name, one line, backbones, options, citation."""
-    listing = [method.describe() for method in METHODS.values()]
+    from .catalog import read
+
+    listing = read()["methods"]
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
@@ -328,20 +337,14 @@ def run_methods(args: argparse.Namespace) -> int:
 
 def run_backbones(args: argparse.Namespace) -> int:
     """The ``backbones`` command: each family, what loads it, and which methods apply."""
-    from .backbones import FAMILIES
+    from .catalog import read
 
-    matrix = [
-        {
-            "family": family.name,
-            "loads": family.loads,
-            "methods": [m.name for m in METHODS.values() if m.supports(family)],
-        }
-        for family in FAMILIES
-    ]
+    catalog = read()
+    matrix = catalog["backbones"]
     if args.json:
         print(json.dumps(matrix, indent=2))
         return 0
-    names = list(METHODS)
+    names = [item["name"] for item in catalog["methods"]]
     print(f"{'family':<26} " + " ".join(f"{name:<12}" for name in names))
     for row in matrix:
         marks = " ".join(f"{'yes' if n in row['methods'] else '-':<12}" for n in names)
@@ -370,6 +373,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="largest image accepted, in pixels (default 89478485, Pillow's bomb guard)",
     )
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=DISPLAY_MAX_SIDE,
+        help=f"read images at most this many pixels long, reducing larger ones while decoding "
+        f"({DISPLAY_MAX_SIDE}; 0: full size)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp16", "bf16", "fp32"],
+        default="fp16",
+        help="autocast dtype on CUDA (fp16); the CPU always runs fp32",
+    )
+    caching = parser.add_mutually_exclusive_group()
+    caching.add_argument(
+        "--cache-dir", type=Path, help="text-embedding cache folder (default: the user cache)"
+    )
+    caching.add_argument(
+        "--no-cache", action="store_true", help="keep text embeddings in memory only"
+    )
     activation = parser.add_mutually_exclusive_group()
     activation.add_argument(
         "--quick-gelu",
@@ -389,26 +412,39 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def model_from_args(args: argparse.Namespace) -> SurgeryModel:
     """Load the model the shared model options name."""
+    from .loading import load
+
     options = {"device": args.device, "quick_gelu": args.quick_gelu}
     if args.checkpoint is not None:
         if args.pretrained:
             raise OptionError("give either --pretrained or --checkpoint, not both")
         if args.model:
-            return load(args.model, str(args.checkpoint), **options)
-        return load(str(args.checkpoint), **options)
-    return load(args.model or DEFAULT_MODEL, args.pretrained, **options)
+            model = load(args.model, str(args.checkpoint), **options)
+        else:
+            model = load(str(args.checkpoint), **options)
+    else:
+        model = load(args.model or DEFAULT_MODEL, args.pretrained, **options)
+    model.precision = args.precision
+    if args.no_cache:
+        model.cache_dir = None
+    elif args.cache_dir is not None:
+        model.cache_dir = args.cache_dir
+    return model
 
 
 def run_explain(args: argparse.Namespace) -> int:
     """The ``explain`` command: an overlay per (image, text), a grid per image, a report."""
-    from .outputs import GRID, REPORT, image_folders, image_record, report, text_files, write_json
-    from .viz import grid_figure, overlay, save_png
+    from .images import list_images, open_image
+    from .methods import get as get_method
+    from .outputs import REPORT, image_folders, image_record, report, text_files, write_json
+    from .text import check_texts
+    from .viz import overlay, save_grid_pages, save_png
 
     if (args.size is not None and args.size <= 0) or args.batch_size <= 0:
         raise ImageError("--size and --batch-size must be positive")
     paths = list_images(args.images)
     for path in paths:  # fail on a bad image before anything is written
-        open_image(path)
+        open_image(path, args.max_side or None)
     options = parse_option_pairs(args.option, args.depth)
     parsed = get_method(args.method).options(**options)  # unknown method/option: fail early
     texts = check_texts(args.text)
@@ -421,22 +457,21 @@ def run_explain(args: argparse.Namespace) -> int:
     progress = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
     for begin in range(0, len(paths), args.batch_size):
         chunk = list(zip(paths, folders, strict=True))[begin : begin + args.batch_size]
-        images = [open_image(path) for path, _ in chunk]
+        images = [open_image(path, args.max_side or None) for path, _ in chunk]
         result = model.explain(
             images, texts, method=args.method, size=args.size, single=args.single, **options
         )
         free_form = result.free_form
         for index, ((path, name), image) in enumerate(zip(chunk, images, strict=True)):
-            folder = args.out / name
-            maps = result.maps_at((image.height, image.width), image=index)
-            overlays = [
-                save_png(overlay(image, heatmap), folder / file)
-                for file, heatmap in zip(files, maps, strict=True)
+            folder, image_size = args.out / name, (image.height, image.width)
+            overlays = [  # one full-size map at a time: memory bounded by the image, not T
+                save_png(overlay(image, result.maps_at(image_size, index, [k])[0]), folder / file)
+                for k, file in enumerate(files)
             ]
             probs = result.probs[index]
-            grid = save_png(grid_figure(image, maps, texts, probs.tolist()), folder / GRID)
+            grids = save_grid_pages(image, result, index, texts, probs.tolist(), folder)
             cosine = result.cosine[index]
-            records.append(image_record(str(path), folder, texts, cosine, probs, overlays, grid))
+            records.append(image_record(str(path), folder, texts, cosine, probs, overlays, grids))
             progress.update(1)
     progress.close()
     settings = {"size": args.size or model.native_size, "single": args.single}
@@ -457,9 +492,22 @@ def run_explain(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> None:
     """Checks and settings every command shares, before any work: output folders, pixel limit."""
+    from .catalog import method_names
     from .outputs import check_output_dir
 
-    for flag, name in (("--out", "out"), ("--save-pred", "save_pred")):
+    size = getattr(args, "size", None)
+    if size is not None and not 0 < size <= MAX_INPUT_SIDE:
+        raise ImageError(f"--size must be between 1 and {MAX_INPUT_SIDE} pixels, got {size}")
+    if getattr(args, "max_side", None) is not None and args.max_side < 0:
+        raise ImageError(f"--max-side must be positive (0: full size), got {args.max_side}")
+    method = getattr(args, "method", None)
+    if method is not None and method not in method_names():
+        raise ModelError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+    for flag, name in (
+        ("--out", "out"),
+        ("--save-pred", "save_pred"),
+        ("--cache-dir", "cache_dir"),
+    ):
         if getattr(args, name, None) is not None:
             check_output_dir(getattr(args, name), flag)
     if getattr(args, "max_pixels", None) is not None:
@@ -490,6 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clip-surgery: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (replaces the closed stream)
+        return 0
 
 
 if __name__ == "__main__":

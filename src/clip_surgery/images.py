@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .defaults import MAX_INPUT_SIDE
 from .errors import ImageError, InputFileError
 from .typedefs import Size
 
@@ -26,17 +27,26 @@ def set_max_pixels(pixels: int | None) -> None:
     Image.MAX_IMAGE_PIXELS = pixels
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, max_side: int | None = None) -> Image.Image:
     """Open an image file as RGB, upright (its EXIF orientation applied), with a clear error for
-    a missing, corrupt or oversized (decompression bomb) file."""
+    a missing, corrupt or oversized (decompression bomb) file.
+
+    ``max_side``: a larger image is reduced while it is decoded (JPEG's DCT scaling, then a
+    bicubic resize keeping the aspect ratio), so an 8000 x 6000 photo never exists in memory at
+    full size."""
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"image not found: {path}")
+    if max_side is not None and max_side <= 0:
+        raise ImageError(f"the largest image side must be positive, got {max_side}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.load()
+                if max_side is not None and max(image.size) > max_side:
+                    image.thumbnail((max_side, max_side), Image.BICUBIC)  # drafts, then loads
+                else:
+                    image.load()
                 return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(_bomb_message(path, error)) from None
@@ -94,6 +104,11 @@ def as_hw(size: Size) -> tuple[int, int]:
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if height <= 0 or width <= 0:
         raise ImageError(f"image size must be positive, got {size}")
+    if max(height, width) > MAX_INPUT_SIDE:
+        raise ImageError(
+            f"input size {size} is over the limit of {MAX_INPUT_SIDE} pixels a side "
+            "(CLIP models are trained at 224-448)"
+        )
     return int(height), int(width)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,12 +16,14 @@ from torch import nn
 
 from . import engine, methods
 from .backbones import adapt
+from .cache import TextEmbeddingCache, default_directory, entry_key
 from .errors import ImageError, OptionError
 from .features import similarity_map
-from .images import open_image
+from .images import as_hw, open_image
 from .images import preprocess as preprocess_image
+from .inference import check_precision, effective_precision
 from .methods import DEFAULT_METHOD, Method, Scores, TextQuery
-from .text import DEFAULT_TEMPLATES, check_templates, check_texts, prompts_for
+from .text import DEFAULT_TEMPLATES, check_templates, check_texts, encode_tokens, prompts_for
 from .typedefs import Grid, Size
 
 TEXT_BATCH = 256
@@ -35,7 +37,6 @@ class Explanation:
     """What ``explain`` returns for B images and T texts."""
 
     texts: list[str]
-    maps: torch.Tensor  # [B, T, H, W] in [0, 1]
     similarity: torch.Tensor  # [B, N, T]: what the maps are made from (after feature surgery)
     token_scores: torch.Tensor  # [B, N, T]: dense per-token scores (segmentation argmax)
     grid: Grid  # (h, w) patch grid, h * w = N
@@ -44,6 +45,16 @@ class Explanation:
     method: str = DEFAULT_METHOD
     options: object = None  # the method's typed options
     free_form: bool = False  # texts read as free-form queries (True) or as a class set
+    output_size: tuple[int, int] | None = None  # (H, W) of ``maps``
+    _maps: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """``[B, T, H, W]`` in [0, 1] at ``output_size``; made on first use (``maps_at`` makes
+        some maps at any size without holding all of them)."""
+        if self._maps is None:
+            self._maps = self.maps_at(self.output_size)
+        return self._maps
 
     @property
     def logits(self) -> torch.Tensor:
@@ -86,6 +97,7 @@ class SurgeryModel:
         self.source = source
         self._text_cache: dict[tuple, torch.Tensor] = {}
         self._weights_hash: str | None = None
+        self.cache_dir = default_directory()
 
     def __repr__(self) -> str:
         return f"SurgeryModel(name={self.name!r}, family={self.family!r}, source={self.source!r})"
@@ -116,21 +128,43 @@ class SurgeryModel:
         return self.backbone.logit_scale
 
     @property
+    def precision(self) -> str:
+        """Autocast dtype on CUDA: ``"fp16"`` (default), ``"bf16"``, or ``"fp32"`` (none)."""
+        return self.backbone.precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self.backbone.precision = check_precision(value)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """Where text embeddings persist across processes (None: memory only). Default:
+        ``$CLIP_SURGERY_CACHE`` or the user's cache folder (see ``clip_surgery.cache``)."""
+        return None if self._disk_cache is None else self._disk_cache.directory
+
+    @cache_dir.setter
+    def cache_dir(self, directory: str | Path | None) -> None:
+        self._disk_cache = None if directory is None else TextEmbeddingCache(Path(directory))
+
+    @property
     def weights_hash(self) -> str:
-        """SHA-256 (first 16 hex digits) of the weights file(s), or of the parameters in memory."""
+        """SHA-256 (first 16 hex digits) of the weights file(s), or of the parameters in memory.
+
+        A file's hash is remembered in the cache folder by its path, size and modification
+        time; a model changed in memory after loading keeps its file's hash (set
+        ``cache_dir = None`` for such a model)."""
         if self._weights_hash is None:
-            digest = hashlib.sha256()
             files = _weight_files(self.source)
-            if files:
-                for path in files:
-                    with path.open("rb") as handle:
-                        for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
-                            digest.update(chunk)
+            if files and self._disk_cache is not None:
+                self._weights_hash = self._disk_cache.file_hash(files, lambda: _hash_files(files))
+            elif files:
+                self._weights_hash = _hash_files(files)
             else:
+                digest = hashlib.sha256()
                 for key, value in sorted(self.clip.state_dict().items()):
                     digest.update(key.encode())
                     digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())
-            self._weights_hash = digest.hexdigest()[:16]
+                self._weights_hash = digest.hexdigest()[:16]
         return self._weights_hash
 
     def inference(self, grad: bool = False):
@@ -245,28 +279,43 @@ class SurgeryModel:
         free_form: bool = False,
     ) -> TextQuery:
         """The texts' embeddings and, under the same templates, the redundant feature."""
-        templates = check_templates(templates)
-        embeddings = self._embed_texts(check_texts(texts), templates)
+        templates, texts = check_templates(templates), check_texts(texts)
+        if free_form:  # the redundant feature is needed: encode it in the same batch
+            embeddings = self._embed_texts([*texts, ""], templates)[:-1]
+        else:
+            embeddings = self._embed_texts(texts, templates)
         return TextQuery(embeddings, free_form, lambda: self._embed_texts([""], templates))
 
     def _embed_texts(self, texts: list[str], templates: tuple[str, ...] | None) -> torch.Tensor:
         missing = list(dict.fromkeys(t for t in texts if (templates, t) not in self._text_cache))
+        keys = {}
+        if missing and self._disk_cache is not None:
+            keys = {text: self._disk_key(templates, text) for text in missing}
+            for text in missing:
+                stored = self._disk_cache.get(keys[text])
+                if stored is not None:
+                    self._text_cache[(templates, text)] = torch.from_numpy(stored).to(self.device)
+            missing = [t for t in missing if (templates, t) not in self._text_cache]
         if missing:
             text_tower = self.backbone.text
             prompts = [prompt for text in missing for prompt in prompts_for(text, templates)]
             tokens = text_tower.tokenize(prompts)
             with self.inference():
-                embedded = torch.cat(
-                    [
-                        text_tower.encode(chunk.to(self.device)).float()
-                        for chunk in tokens.split(TEXT_BATCH)
-                    ]
-                )
+                embedded = encode_tokens(text_tower, tokens, self.device, TEXT_BATCH)
             per_text = F.normalize(embedded, dim=-1).view(len(missing), -1, embedded.shape[-1])
             means = F.normalize(per_text.mean(dim=1), dim=-1)
             for text, mean in zip(missing, means, strict=True):
                 self._text_cache[(templates, text)] = mean
+            if self._disk_cache is not None:
+                entries = zip(missing, means.cpu().numpy(), strict=True)
+                self._disk_cache.put((keys[text], vector) for text, vector in entries)
         return torch.stack([self._text_cache[(templates, t)] for t in texts])
+
+    def _disk_key(self, templates: tuple[str, ...] | None, text: str) -> str:
+        """The disk-cache key of one text: weights, tokenizer, precision, templates, text."""
+        tokenizer = self.backbone.text.tokenizer.identity
+        precision = effective_precision(self.device, self.backbone.precision)
+        return entry_key(self.weights_hash, tokenizer, precision, templates, text)
 
     # ------------------------------------------------------------ explanations
 
@@ -304,13 +353,9 @@ class SurgeryModel:
         free_form = single or len(texts) == 1
         query = self.query(texts, templates, free_form=free_form)
         scores: Scores = chosen.scores(self.backbone, batch, query, parsed)
-        maps = similarity_map(
-            scores.similarity, output_size or tuple(batch.shape[-2:]), scores.grid
-        )
         probs = (self.logit_scale * scores.cosine).softmax(dim=-1)
         return Explanation(
             texts,
-            maps,
             scores.similarity,
             scores.token_scores,
             scores.grid,
@@ -319,11 +364,21 @@ class SurgeryModel:
             chosen.name,
             parsed,
             free_form,
+            as_hw(output_size or tuple(batch.shape[-2:])),
         )
 
 
 def _depth(depth: int) -> dict:
     return {"depth": depth} if depth else {}
+
+
+def _hash_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _weight_files(source) -> list[Path]:

@@ -19,9 +19,16 @@ GRID = "grid.png"
 REPORT = "explain.json"
 NAMING = (
     "one folder per input image, <NNN>-<image stem>/ (NNN: its position in the input list, "
-    "from 001), holding grid.png (all texts) and <KK>-<text>.png per text (KK: the text's "
-    "position, from 01); the report is explain.json"
+    "from 001), holding grid.png (all texts; with more than 23 texts, pages grid-1.png, "
+    "grid-2.png, ...) and <KK>-<text>.png per text (KK: the text's position, from 01); the "
+    "report is explain.json"
 )
+
+
+def grid_names(texts: int, per_page: int) -> list[str]:
+    """``grid.png`` for one page of texts; ``grid-1.png``, ``grid-2.png``, ... for several."""
+    pages = max(1, -(-texts // per_page))
+    return [GRID] if pages == 1 else [f"grid-{page}.png" for page in range(1, pages + 1)]
 
 
 def slug(text: str) -> str:
@@ -65,7 +72,8 @@ def image_record(
     return {
         "image": image,
         "folder": str(folder),
-        "grid": str(grid),
+        "grid": str(grid[0]),
+        "grid_pages": [str(page) for page in grid],
         "texts": [
             {
                 "index": index,

@@ -70,6 +70,18 @@ class PromptTokenizer:
         if self._hf is not None and not _is_transformers(self._hf):
             self._hf = None
 
+    @property
+    def identity(self) -> str:
+        """What the tokenizer is, for cache keys: CLIP's BPE, a hub tokenizer's name and
+        vocabulary size, or the callable's type; with the context length."""
+        if self._hf is not None:
+            name = getattr(self._hf, "name_or_path", "") or type(self._hf).__name__
+            return f"hf:{name}:{len(self._hf)}:{self.context_length}"
+        kind = type(self.tokenizer)
+        if kind.__module__.startswith("open_clip.") and kind.__name__ == "SimpleTokenizer":
+            return f"clip-bpe:{self.context_length}"
+        return f"{kind.__module__}.{kind.__qualname__}:{self.context_length}"
+
     def count(self, prompt: str) -> int:
         """Tokens of ``prompt`` with the start and end tokens."""
         if self._hf is not None:
@@ -100,6 +112,26 @@ class PromptTokenizer:
             )
             return encoded["input_ids"].long()
         return self.tokenizer(prompts).long()
+
+
+def encode_tokens(tower, tokens: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:
+    """Text embeddings ``[P, D]`` (float) of token ids ``[P, context]``, ``batch`` at a time.
+
+    On a causal text tower (``tower.prompt_lengths`` not None) prompts are grouped by length
+    and each group runs only up to its longest prompt: under the causal mask no position sees
+    a later one, so the result equals the full-context forward, at a fraction of the cost.
+    """
+    lengths = tower.prompt_lengths(tokens)
+    if lengths is None:
+        order, lengths = torch.arange(len(tokens)), torch.full((len(tokens),), tokens.shape[1])
+    else:
+        order = torch.argsort(lengths, stable=True)
+    parts = []
+    for chunk in order.split(batch):
+        length = int(lengths[chunk].max())
+        parts.append(tower.encode(tokens[chunk, :length].to(device)).float())
+    embedded = torch.cat(parts)
+    return torch.empty_like(embedded).index_copy_(0, order.to(embedded.device), embedded)
 
 
 def _is_transformers(tokenizer) -> bool:

@@ -91,7 +91,12 @@ class TextTower(Protocol):
         """Token ids ``[P, context_length]``; TextError for a prompt that does not fit."""
 
     def encode(self, tokens: Tensor) -> Tensor:
-        """Projected text embeddings ``[P, D]``, not normalised."""
+        """Projected text embeddings ``[P, D]``, not normalised; ``tokens`` may be cut to fewer
+        positions than the context when ``prompt_lengths`` is not None."""
+
+    def prompt_lengths(self, tokens: Tensor) -> Tensor | None:
+        """Positions each prompt needs (through its pooled token) when the tower is causal, so
+        that cutting the rest is exact; None when every prompt needs the full context."""
 
     def token_features(self, tokens: Tensor) -> Tensor:
         """Projected contextual features of every token ``[P, L, D]``."""
@@ -111,6 +116,7 @@ class Backbone:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     logit_scale_parameter: Tensor = field(repr=False)
+    precision: str = "fp16"  # CUDA autocast dtype (fp16, bf16, or fp32 for none); CPU: fp32
 
     @property
     def logit_scale(self) -> float:
@@ -124,4 +130,4 @@ class Backbone:
 
     def inference(self, grad: bool = False):
         """Eval semantics (flags restored after), no grad unless ``grad``, autocast on CUDA."""
-        return inference(self.module, self.device, grad)
+        return inference(self.module, self.device, grad, self.precision)

@@ -105,6 +105,14 @@ class HfClipText:
         features = self.model.get_text_features(input_ids=tokens)
         return getattr(features, "pooler_output", features)
 
+    def prompt_lengths(self, tokens: Tensor) -> Tensor:
+        """Through the pooled end token (CLIP's text transformer is causal), as transformers
+        pools: the highest id for the legacy ``eos_token_id == 2``, else the first end token."""
+        eos = self.model.config.text_config.eos_token_id
+        if eos == 2:
+            return tokens.argmax(dim=-1) + 1
+        return (tokens == eos).int().argmax(dim=-1) + 1
+
     def token_features(self, tokens: Tensor) -> Tensor:
         """Every token's final hidden state (after the final norm), projected."""
         hidden = self.model.text_model(input_ids=tokens).last_hidden_state

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
 from torch import Tensor, nn
 
 from ..errors import ModelError
@@ -172,8 +172,33 @@ class OpenClipText:
         return self.tokenizer(prompts)
 
     def encode(self, tokens: Tensor) -> Tensor:
-        """open_clip's own ``encode_text``."""
-        return self.module.encode_text(tokens)
+        """open_clip's own ``encode_text``; the same computation on a cut context."""
+        clip = self.module
+        if tokens.shape[1] == self.context_length:
+            return clip.encode_text(tokens)
+        length = tokens.shape[1]
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:length].to(cast)
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+        x = text_global_pool(x, tokens, clip.text_pool_type, getattr(clip, "text_eos_id", None))
+        projection = clip.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+    def prompt_lengths(self, tokens: Tensor) -> Tensor | None:
+        """Through the pooled token, for open_clip's causal text transformer (argmax/eos pool)."""
+        clip = self.module
+        causal = (
+            hasattr(clip, "token_embedding")
+            and getattr(clip, "attn_mask", None) is not None
+            and getattr(clip, "text_pool_type", None) in ("argmax", "eos")
+        )
+        if not causal:
+            return None
+        if clip.text_pool_type == "argmax":
+            return tokens.argmax(dim=-1) + 1
+        return (tokens == clip.text_eos_id).int().argmax(dim=-1) + 1
 
     def token_features(self, tokens: Tensor) -> Tensor:
         """Every token through the text transformer, ``ln_final`` and the text projection."""

@@ -6,6 +6,7 @@ A new method is one file: a ``ForwardMethod`` with a ``plan`` (or a ``GradientMe
 
 from __future__ import annotations
 
+from ..defaults import DEFAULT_METHOD
 from ..errors import ModelError, OptionError
 from .base import (
     ForwardMethod,
@@ -28,7 +29,6 @@ from .raw import Raw
 from .sclip import Sclip
 
 METHODS: dict[str, Method] = {}
-DEFAULT_METHOD = "clip_surgery"
 
 
 def register(method: Method) -> Method:
