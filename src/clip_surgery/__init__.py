@@ -9,6 +9,7 @@ from . import methods
 from .errors import (
     ClipSurgeryError,
     DatasetError,
+    DistributedError,
     ImageError,
     InputFileError,
     ModelError,
@@ -37,6 +38,7 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "ClipSurgeryError",
     "DatasetError",
+    "DistributedError",
     "Explanation",
     "ImageError",
     "InputFileError",
