@@ -17,6 +17,7 @@ from .defaults import DEFAULT_METHOD
 from .errors import (
     ClipSurgeryError,
     DatasetError,
+    DistributedError,
     ImageError,
     InputFileError,
     ModelError,
@@ -76,6 +77,7 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "ClipSurgeryError",
     "DatasetError",
+    "DistributedError",
     "Explanation",
     "ImageError",
     "InputFileError",

@@ -260,19 +260,22 @@ def run_eval(args: argparse.Namespace) -> int:
         results = runner.evaluate_segmentation(
             model, args.dataset, args.root, preset=args.preset, save_pred=args.save_pred, **common
         )
-        print(f"aAcc: {results['aacc']:.2f}")
-        print(f"mIoU: {results['miou']:.2f}")
+        headline = {"aAcc": "aacc", "mIoU": "miou"}
     elif task == "explainability":
         results = runner.evaluate_explainability(
             model, args.dataset, args.root, size=args.size, single=args.single, **common
         )
-        print(f"mSC: {results['msc']:.2f}")
-        print(f"mIoU: {results['miou']:.2f}")
+        headline = {"mSC": "msc", "mIoU": "miou"}
     else:
         results = runner.evaluate_multilabel(
             model, args.dataset, args.root, size=args.size, **common
         )
-        print(f"mAP: {results['map']:.2f}")
+        headline = {"mAP": "map"}
+    from .distributed import is_main
+
+    if is_main():  # under torchrun: rank 0 alone
+        for name, key in headline.items():
+            print(f"{name}: {results[key]:.2f}")
     return 0
 
 
@@ -454,8 +457,13 @@ def run_explain(args: argparse.Namespace) -> int:
     records, started, free_form = [], time.perf_counter(), args.single
     from tqdm import tqdm
 
-    progress = tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr)
-    for begin in range(0, len(paths), args.batch_size):
+    from .distributed import all_gather_objects, is_main, shard
+
+    batches = shard(range(0, len(paths), args.batch_size))  # whole batches: one process's maps
+    mine = sum(len(paths[begin : begin + args.batch_size]) for begin in batches)
+    hidden = args.no_progress or not is_main()
+    progress = tqdm(total=mine, unit="img", disable=hidden, file=sys.stderr)
+    for begin in batches:
         chunk = list(zip(paths, folders, strict=True))[begin : begin + args.batch_size]
         images = [open_image(path, args.max_side or None) for path, _ in chunk]
         result = model.explain(
@@ -471,9 +479,16 @@ def run_explain(args: argparse.Namespace) -> int:
             probs = result.probs[index]
             grids = save_grid_pages(image, result, index, texts, probs.tolist(), folder)
             cosine = result.cosine[index]
-            records.append(image_record(str(path), folder, texts, cosine, probs, overlays, grids))
+            record = image_record(str(path), folder, texts, cosine, probs, overlays, grids)
+            records.append((begin + index, record))  # its place in the whole input list
             progress.update(1)
     progress.close()
+    gathered = all_gather_objects((records, free_form))  # under torchrun: rank 0 reports
+    if not is_main():
+        return 0
+    everyone = [pair for shard_records, _ in gathered for pair in shard_records]
+    records = [record for _, record in sorted(everyone, key=lambda pair: pair[0])]
+    free_form = any(flag for _, flag in gathered)  # a process without images kept --single
     settings = {"size": args.size or model.native_size, "single": args.single}
     settings.update(dataclasses.asdict(parsed))
     mode = "free-form" if free_form else "class-set"
@@ -531,7 +546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "explain-text": run_explain_text,
         }
         _prepare(args)
-        return commands[args.command](args)
+        from .distributed import session
+
+        with session(args.command, getattr(args, "device", None)) as device:
+            if device is not None:  # under torchrun with a GPU: cuda:<LOCAL_RANK>
+                args.device = device
+            return commands[args.command](args)
     except ClipSurgeryError as error:
         print(f"clip-surgery: error: {error}", file=sys.stderr)
         return 2

@@ -38,3 +38,8 @@ class OptionError(ClipSurgeryError):
 
 class OutputError(ClipSurgeryError):
     """An output folder cannot be written (a file in the way, no permission, read-only)."""
+
+
+class DistributedError(ClipSurgeryError):
+    """A torchrun launch cannot go on: a bad environment, a command that does not shard, no GPU
+    for a process, or a process group that cannot be joined."""

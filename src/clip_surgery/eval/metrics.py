@@ -73,16 +73,31 @@ class ExplainabilityMeter:
 
     def update(self, heatmap: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> None:
         """``heatmap`` in [0, 1] and boolean ``mask``/``valid`` (not ignored), all ``[H, W]``."""
+        self.add(self.score(heatmap, mask, valid))
+
+    @staticmethod
+    def score(
+        heatmap: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[np.ndarray, float] | None:
+        """One pair's IoU at each grid threshold and its contrast; None when undefined."""
         values, inside = heatmap[valid].double(), mask[valid]
         if not inside.any() or inside.all():
-            self.undefined += 1
-            return
+            return None
         thresholds = torch.as_tensor(THRESHOLDS, dtype=values.dtype)
         above = values[None, :] >= thresholds[:, None]
         intersection = (above & inside[None]).sum(dim=1).double()
         union = (above | inside[None]).sum(dim=1).double()
-        self.iou_sums += (intersection / union).numpy()
-        self.contrast_sum += float(values[inside].mean() - values[~inside].mean())
+        return (intersection / union).numpy(), float(values[inside].mean() - values[~inside].mean())
+
+    def add(self, scored: tuple[np.ndarray, float] | None) -> None:
+        """Count one pair as ``score`` returned it (None: an undefined pair). Adding the same
+        pairs in the same order gives the same sums, whichever process scored them."""
+        if scored is None:
+            self.undefined += 1
+            return
+        ious, contrast = scored
+        self.iou_sums += ious
+        self.contrast_sum += contrast
         self.pairs += 1
 
     def results(self) -> dict:

@@ -3,6 +3,11 @@
 Every result carries the method, model, weights hash, preset and all settings, the number of
 images and the wall time, and is written as JSON and as a Markdown table row. An interrupted
 segmentation run resumes from its state file when started again with the same settings.
+
+Inside a process group (``torchrun``, see ``clip_surgery.distributed``) every process evaluates
+its shard of the images; confusion matrices are summed, explainability pairs and multi-label
+scores are gathered back into dataset order, so the metrics equal a single process's; rank 0
+alone writes the results, each process its own state file and its own prediction PNGs.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import methods
+from .. import distributed, methods
 from ..errors import DatasetError
 from ..images import open_image
 from ..outputs import atomic_path, write_text
@@ -42,7 +48,30 @@ def default_preset(method: str) -> str:
 
 
 def _progress(items, enabled: bool, description: str):
+    enabled = enabled and distributed.is_main()  # one bar, rank 0's
     return tqdm(items, disable=not enabled, file=sys.stderr, unit="img", desc=description)
+
+
+def _in_order(shards: list[list[tuple]]) -> list:
+    """Every process's ``(index, value)`` pairs merged into one list of values, by index."""
+    return [value for _, value in sorted(chain.from_iterable(shards), key=lambda pair: pair[0])]
+
+
+def _wall_seconds(seconds: float) -> float:
+    """The run's wall time: the slowest process's."""
+    return round(max(distributed.all_gather_objects(seconds)), 2)
+
+
+def _processes() -> dict:
+    """``{"processes": N}`` for a run shared by N > 1 processes, else nothing."""
+    count = distributed.world_size()
+    return {"processes": count} if count > 1 else {}
+
+
+def _write_main(results: dict, out: Path | None, stem: str) -> None:
+    """Write the results once: from rank 0 (or the only process)."""
+    if out and distributed.is_main():
+        write_results(results, out, stem)
 
 
 def _header(model, dataset: str, method: str, options, root, limit) -> dict:
@@ -97,7 +126,8 @@ def evaluate_segmentation(
     done = state.done if state else set()
     started = time.perf_counter()
     queries = ClassQueries.build(model, spec.classes, DEFAULT_TEMPLATES[: settings.templates])
-    for sample in _progress([s for s in samples if s.key not in done], progress, dataset):
+    todo = [s for s in distributed.shard(samples) if s.key not in done]
+    for sample in _progress(todo, progress, dataset):
         label = spec.read_label(sample.label)
         prediction, _ = segment(model, open_image(sample.image), queries, method, options, settings)
         if prediction.shape != label.shape:
@@ -109,8 +139,9 @@ def evaluate_segmentation(
             _save_label(prediction, save_pred / f"{sample.key}.png")
         if state:
             state.save(matrix.matrix, sample.key)
+    total = ConfusionMatrix(len(spec.classes), distributed.all_reduce_sum(matrix.matrix))
     try:
-        scored = matrix.results()
+        scored = total.results()
     except DatasetError:
         if state:
             state.finish()  # every image was seen: a rerun must read them again, not resume
@@ -119,11 +150,13 @@ def evaluate_segmentation(
         **record,
         **scored,
         "images": len(samples),
-        "seconds": round(time.perf_counter() - started + (state.seconds if state else 0), 2),
+        **_processes(),
+        "seconds": _wall_seconds(time.perf_counter() - started + (state.seconds if state else 0)),
         "classes": [names[0] for names in spec.classes],
     }
-    if out:
-        write_results(results, out, _stem(dataset, method, settings.name, limit))
+    _write_main(results, out, _stem(dataset, method, settings.name, limit))
+    if state:
+        distributed.barrier()  # results written: only now may the states go
         state.finish()
     return results
 
@@ -146,9 +179,9 @@ def evaluate_explainability(
     samples = spec.samples(root)[:limit] if limit else spec.samples(root)
     first = 1 if spec.background else 0  # the background class is not explained
     texts = [names[0] for names in spec.classes[first:]]
-    meter = ExplainabilityMeter()
+    scored = []  # (image index, its pairs' scores) for this process's images
     started = time.perf_counter()
-    for sample in _progress(samples, progress, dataset):
+    for index, sample in _progress(distributed.shard(list(enumerate(samples))), progress, dataset):
         label = torch.from_numpy(spec.read_label(sample.label).astype(np.int64))
         present = [c for c in torch.unique(label).tolist() if c != IGNORE and c >= first]
         if not present:
@@ -162,8 +195,15 @@ def evaluate_explainability(
             **asdict(options),
         )
         maps = result.maps_at(tuple(label.shape), image=0, texts=[c - first for c in present])
-        for heatmap, cls in zip(maps, present, strict=True):
-            meter.update(heatmap, label == cls, label != IGNORE)
+        pairs = [
+            ExplainabilityMeter.score(heatmap, label == cls, label != IGNORE)
+            for heatmap, cls in zip(maps, present, strict=True)
+        ]
+        scored.append((index, pairs))
+    meter = ExplainabilityMeter()
+    for pairs in _in_order(distributed.all_gather_objects(scored)):
+        for pair in pairs:  # in dataset order, so the float sums equal one process's
+            meter.add(pair)
     results = {
         **_header(model, dataset, method, options, root, limit),
         "task": "explainability",
@@ -171,10 +211,10 @@ def evaluate_explainability(
         "single": single,
         **meter.results(),
         "images": len(samples),
-        "seconds": round(time.perf_counter() - started, 2),
+        **_processes(),
+        "seconds": _wall_seconds(time.perf_counter() - started),
     }
-    if out:
-        write_results(results, out, _stem(dataset, method, "explainability", limit))
+    _write_main(results, out, _stem(dataset, method, "explainability", limit))
     return results
 
 
@@ -197,22 +237,25 @@ def evaluate_multilabel(
     options = options if options is not None else methods.get(method).options()
     count = min(limit, len(data.samples)) if limit else len(data.samples)
     labels = [names[0] for names in data.classes]
+    # (first image index, scores) per batch; whole batches are sharded, so every batch and its
+    # scores are the same as in one process
     scores = []
     started = time.perf_counter()
-    for begin in _progress(range(0, count, batch), progress, dataset):
+    for begin in _progress(distributed.shard(range(0, count, batch)), progress, dataset):
         chunk = [open_image(s.image) for s in data.samples[begin : min(begin + batch, count)]]
         found = class_scores(model, chunk, labels, method=method, options=options, size=size)
-        scores.append(found.cpu().numpy())
+        scores.append((begin, found.cpu().numpy()))
+    ordered = np.concatenate(_in_order(distributed.all_gather_objects(scores)))
     results = {
         **_header(model, dataset, method, options, root, limit),
         "task": "multilabel",
         "size": size or model.native_size,
-        **mean_average_precision(np.concatenate(scores), data.labels[:count]),
+        **mean_average_precision(ordered, data.labels[:count]),
         "images": count,
-        "seconds": round(time.perf_counter() - started, 2),
+        **_processes(),
+        "seconds": _wall_seconds(time.perf_counter() - started),
     }
-    if out:
-        write_results(results, out, _stem(dataset, method, "multilabel", limit))
+    _write_main(results, out, _stem(dataset, method, "multilabel", limit))
     return results
 
 
@@ -317,11 +360,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class _State:
-    """Resumable progress: the confusion matrix and finished image ids, keyed by the settings."""
+    """Resumable progress: the confusion matrix and finished image ids, keyed by the settings;
+    under torchrun one file per process (``-rank<R>of<N>``): its shard's matrix and images, so
+    a rerun with the same number of processes resumes each shard."""
 
     def __init__(self, out: Path, record: dict):
         self.key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
-        self.path = out / f".state-{self.key}.npz"
+        count = distributed.world_size()
+        shard = f"-rank{distributed.rank()}of{count}" if count > 1 else ""
+        self.path = out / f".state-{self.key}{shard}.npz"
         self.matrix, self.done, self.seconds = None, set(), 0.0
         self.started = time.perf_counter()
         if self.path.is_file():
