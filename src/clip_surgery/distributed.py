@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import DistributedError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 T = TypeVar("T")
 SHARDED_COMMANDS = ("eval", "explain")
@@ -80,6 +81,8 @@ def _device():
 
 def all_reduce_sum(array: np.ndarray) -> np.ndarray:
     """The element-wise sum of ``array`` over every process (exact for integer arrays)."""
+    import numpy as np
+
     dist = _dist()
     if dist is None:
         return np.array(array, copy=True)
