@@ -12,6 +12,7 @@ import torch
 from conftest import photo
 from PIL import Image
 
+import clip_surgery
 from clip_surgery import ImageError
 from clip_surgery.cli import main
 from clip_surgery.defaults import MAX_INPUT_SIDE
@@ -48,10 +49,16 @@ def test_reduced_image_is_close_to_a_full_decode_then_resize(tmp_path):
     assert np.abs(reduced - full).mean() < 3.0  # the same picture, another resampling path
 
 
-def test_input_size_is_bounded():
+def test_input_size_is_bounded_but_not_output_maps(vit_model):
     assert as_hw(MAX_INPUT_SIDE) == (MAX_INPUT_SIDE, MAX_INPUT_SIDE)
     with pytest.raises(ImageError, match="over the limit"):
         as_hw((224, MAX_INPUT_SIDE + 1))
+    model = clip_surgery.wrap(vit_model)
+    with pytest.raises(ImageError, match="over the limit"):
+        model.explain(photo(), ["a", "b"], size=(224, MAX_INPUT_SIDE + 16))
+    result = model.explain(photo(), ["a", "b"], output_size=(3000, 4000))  # maps may be big
+    assert result.output_size == (3000, 4000)
+    assert result.maps_at((30, 40)).shape == (1, 2, 30, 40)
 
 
 def test_heatmap_colours_equal_matplotlib():

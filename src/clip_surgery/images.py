@@ -99,14 +99,15 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled, mode="L").convert("RGB")
 
 
-def as_hw(size: Size) -> tuple[int, int]:
-    """Return (height, width) from an int or a pair, checking it is positive."""
+def as_hw(size: Size, limit: int | None = MAX_INPUT_SIDE) -> tuple[int, int]:
+    """Return (height, width) from an int or a pair, checking it is positive and, for a model
+    input, at most ``limit`` pixels a side (``None``: any size, e.g. for output maps)."""
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     if height <= 0 or width <= 0:
         raise ImageError(f"image size must be positive, got {size}")
-    if max(height, width) > MAX_INPUT_SIDE:
+    if limit is not None and max(height, width) > limit:
         raise ImageError(
-            f"input size {size} is over the limit of {MAX_INPUT_SIDE} pixels a side "
+            f"input size {size} is over the limit of {limit} pixels a side "
             "(CLIP models are trained at 224-448)"
         )
     return int(height), int(width)

@@ -364,7 +364,7 @@ class SurgeryModel:
             chosen.name,
             parsed,
             free_form,
-            as_hw(output_size or tuple(batch.shape[-2:])),
+            as_hw(output_size or tuple(batch.shape[-2:]), limit=None),
         )
 
 
