@@ -10,7 +10,7 @@ import torch
 from conftest import perturb, photo
 
 import clip_surgery
-from clip_surgery import backbones, cli, methods
+from clip_surgery import backbones, cli, loading, methods
 
 pytestmark = pytest.mark.slow
 TEXTS = ["a cat", "the sky"]
@@ -51,7 +51,7 @@ def test_resnet_methods_on_rn50_api(rn50, name, size):
 @pytest.mark.parametrize("model_name", ["vit_b16", "rn50"])
 def test_every_supported_method_through_the_cli(request, tmp_path, monkeypatch, capsys, model_name):
     model = request.getfixturevalue(model_name)
-    monkeypatch.setattr(cli, "load", lambda *args, **kwargs: model)
+    monkeypatch.setattr(loading, "load", lambda *args, **kwargs: model)
     image = tmp_path / "img.png"
     photo((120, 90)).save(image)
     family = backbones.family(model.family)
