@@ -2,7 +2,7 @@
 
 CLIP Surgery (Li et al., "A Closer Look at the Explainability of Contrastive Language-Image
 Pre-training", Pattern Recognition 2025, arXiv 2304.05653) and its peers, on open_clip and
-Hugging Face transformers CLIP models, through one API.
+Hugging Face transformers CLIP, SigLIP and EVA-CLIP models, through one API.
 """
 
 from . import methods
@@ -14,6 +14,7 @@ from .errors import (
     ModelError,
     OptionError,
     TextError,
+    TokenizerUnavailableError,
     WeightsUnavailableError,
 )
 from .features import feature_surgery, similarity_map
@@ -44,6 +45,7 @@ __all__ = [
     "OptionError",
     "SurgeryModel",
     "TextError",
+    "TokenizerUnavailableError",
     "WeightsUnavailableError",
     "explain",
     "feature_surgery",
