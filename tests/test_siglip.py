@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from conftest import random_images, relative_error
+from open_clip.model import CustomTextCLIP
 
 import clip_surgery
 from clip_surgery import (
@@ -243,6 +244,33 @@ def test_loading_siglip_offline_says_what_is_missing(tmp_path):
     message = str(caught.value)
     assert "\n" not in message and "hf download timm/ViT-B-16-SigLIP`" in message
     assert "tokenizer=CALLABLE" in message
+    with pytest.raises(clip_surgery.InputFileError, match="cannot read checkpoint"):  # got past it
+        clip_surgery.load("ViT-B-16-SigLIP", pretrained=str(weights), tokenizer=str.split)
+
+
+@pytest.mark.parametrize(
+    "embed, trunk, pool, proj, family, prefix",
+    [
+        (192, "eva02_tiny_patch14_224", "map", "none", "open_clip SigLIP", 1),  # MAP sees the CLS
+        (64, "vit_small_patch14_reg4_dinov2", "token", "linear", "open_clip EVA", 5),  # registers
+    ],
+)
+def test_other_timm_towers(embed, trunk, pool, proj, family, prefix):
+    torch.manual_seed(0)
+    vision = dict(timm_model_name=trunk, timm_pool=pool, timm_proj=proj, image_size=224)
+    text = dict(width=64, heads=1, layers=1, context_length=16, vocab_size=1000)
+    model = perturb(CustomTextCLIP(embed, vision, text), 1)
+    wrapped = clip_surgery.wrap(model, tokenizer=hashing_tokenizer(16, 1000))
+    assert wrapped.family == family and wrapped.backbone.vision.prefix == prefix
+    images = random_images(1, *wrapped.backbone.vision.native_size, seed=8)
+    with torch.no_grad():
+        expected = model.encode_image(images)
+    assert relative_error(wrapped.encode(images, "raw").pooled, expected) <= TOLERANCE
+    for method in applicable(wrapped):
+        options = {"depth": 3} if method in ("clip_surgery", "gem") else {}
+        size = (140, 252)
+        result = wrapped.explain(random_images(1, *size), TEXTS, method=method, **options)
+        assert_maps(result, size)
 
 
 # ---------------------------------------------------------------- transformers SiglipModel

@@ -214,7 +214,8 @@ class TimmTower:
         self.prefix = int(trunk.num_prefix_tokens)
         patch = trunk.patch_embed
         self.native_grid = tuple(int(side) for side in patch.grid_size)
-        self.native_size = tuple(int(side) for side in visual.image_size)
+        native = getattr(patch, "img_size", None) or visual.image_size  # the size timm takes
+        self.native_size = tuple(int(side) for side in native)
         self.min_size = max(int(side) for side in patch.patch_size)
         self.blocks = self._blocks(trunk)
         self.head = self._head(trunk)
