@@ -372,7 +372,7 @@ def _quiet_logging() -> Iterator[None]:
 def _offline_message(name: str, tag: str, config: dict) -> str:
     url = config.get("url") or ""
     hub = (config.get("hf_hub") or "").rstrip("/")
-    if hub and not url:  # a hub repo: its folder (config, weights, tokenizer) loads offline
+    if hub and _tokenizer_source(name):  # the hub folder also holds the tokenizer it needs
         return (
             f"could not download weights for {name} ({tag}), no connection or cache; on a "
             f"machine with internet run `hf download {hub} --local-dir {name}` and pass that "
