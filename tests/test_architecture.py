@@ -156,13 +156,13 @@ def test_a_new_method_is_one_short_file(tmp_path, monkeypatch):
     result = model.explain(images, ["a", "b"], method="key_query", blocks=2, templates=None)
     assert result.maps.shape == (1, 2, 224, 288)
     with torch.no_grad():  # the same forward written out by hand
-        x, _ = model.backbone.vision.embed(images, "bilinear")
+        x, grid = model.backbone.vision.embed(images, "bilinear")
         blocks = model.backbone.vision.blocks
         for block in blocks[:-2]:
-            q, k, v = block.qkv(block.norm1(x))
+            q, k, v = block.qkv(block.norm1(x), grid)
             x = block.ffn(x + block.out(F.scaled_dot_product_attention(q, k, v)))
         for block in blocks[-2:]:
-            q, k, v = block.qkv(block.norm1(x))
+            q, k, v = block.qkv(block.norm1(x), grid)
             x = block.ffn(x + block.out(F.scaled_dot_product_attention(k, q, v)))
         tokens = F.normalize(vit.visual.ln_post(x) @ vit.visual.proj, dim=-1)
     text = model.encode_text(["a", "b"], templates=None)

@@ -132,6 +132,21 @@ def test_disk_cache_keys_the_weights(tmp_path, monkeypatch):
     assert first.weights_hash != second.weights_hash
 
 
+def test_disk_cache_keys_what_the_tokenizer_produced(tmp_path, vit_model):
+    def make(offset):
+        return lambda prompts: torch.tensor([[49406, 320 + offset, 49407]] * len(prompts))
+
+    first = clip_surgery.wrap(vit_model, tokenizer=make(0))  # same callable type, other ids
+    second = clip_surgery.wrap(vit_model, tokenizer=make(1))
+    for model in (first, second):
+        model.cache_dir = tmp_path
+    one, two = first.encode_text(["x"], templates=None), second.encode_text(["x"], templates=None)
+    assert not torch.allclose(one, two)  # no collision through the disk cache
+    third = clip_surgery.wrap(vit_model, tokenizer=make(1))
+    third.cache_dir = tmp_path
+    assert torch.equal(third.encode_text(["x"], templates=None), two)
+
+
 def test_corrupt_and_foreign_entries_are_ignored_and_rewritten(tmp_path, monkeypatch):
     path, cache = _checkpoint(tmp_path), tmp_path / "cache"
     expected = _load(path, cache).encode_text(TEXTS)

@@ -2,7 +2,7 @@
 
 CLIP Surgery (Li et al., "A Closer Look at the Explainability of Contrastive Language-Image
 Pre-training", Pattern Recognition 2025, arXiv 2304.05653) and its peers, on open_clip and
-Hugging Face transformers CLIP models, through one API.
+Hugging Face transformers CLIP, SigLIP and EVA-CLIP models, through one API.
 
 The public names below are imported on first use, so ``import clip_surgery`` (and the command
 line's ``--help``) stays fast: torch and open_clip load when a model is first needed.
@@ -23,6 +23,7 @@ from .errors import (
     ModelError,
     OptionError,
     TextError,
+    TokenizerUnavailableError,
     WeightsUnavailableError,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "OptionError",
     "SurgeryModel",
     "TextError",
+    "TokenizerUnavailableError",
     "WeightsUnavailableError",
     "explain",
     "feature_surgery",

@@ -1,7 +1,8 @@
 """A persistent text-embedding cache on disk, shared by every process of a user.
 
 Each entry is one small safetensors file named by the SHA-256 of its key (weights hash,
-tokenizer, precision, templates, text), with the key itself in its metadata: a corrupt file or
+precision, and a digest of the token ids of the text's prompts, so any tokenizer is keyed by
+what it produced), with the key itself in its metadata: a corrupt file or
 one whose key differs (a hash collision, another format) is ignored and rewritten. Files are
 written under a temporary name and renamed, so concurrent writers never leave a partial entry.
 The folder is bounded: past ``max_bytes`` the least recently used entries are removed.

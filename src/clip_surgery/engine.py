@@ -95,7 +95,7 @@ def run(tower: VisionTower, images: Tensor, plan: Plan = PLAIN) -> Trace:
     x = tap("embed", -1, x)
     first = len(blocks) - plan.blocks
     for index in range(first):
-        x = _plain_block(blocks[index], index, x, tap)
+        x = _plain_block(blocks[index], index, x, grid, tap)
     original = new = x
     if plan.blocks and plan.parallel:
         cls_only = tower.head.pools_first_token and plan.pooled_from == "original"
@@ -114,15 +114,15 @@ def run(tower: VisionTower, images: Tensor, plan: Plan = PLAIN) -> Trace:
     return Trace(pooled, dense, grid)
 
 
-def _plain_block(block: Block, index: int, x: Tensor, tap: Tap) -> Tensor:
+def _plain_block(block: Block, index: int, x: Tensor, grid: Grid, tap: Tap) -> Tensor:
     normed = tap("normed", index, block.norm1(x))
-    q, k, v = block.qkv(normed)
+    q, k, v = block.qkv(normed, grid)
     return tap("block", index, block.ffn(x + block.out(block.attention(q, k, v))))
 
 
 def _parallel_block(block, index, original, new, plan: Plan, grid, tower, last: bool, tap):
     normed = tap("normed", index, block.norm1(original))
-    q, k, v = block.qkv(normed)
+    q, k, v = block.qkv(normed, grid)
     context = AttentionContext(grid, tower.prefix, normed, index)
     new = new + block.out(plan.attention(q, k, v, context))
     if plan.ffn:
@@ -136,7 +136,7 @@ def _parallel_block(block, index, original, new, plan: Plan, grid, tower, last: 
 
 def _replaced_block(block, index, x, plan: Plan, grid, prefix: int, tap):
     normed = tap("normed", index, block.norm1(x))
-    q, k, v = block.qkv(normed)
+    q, k, v = block.qkv(normed, grid)
     out = block.out(plan.attention(q, k, v, AttentionContext(grid, prefix, normed, index)))
     x = x + out if plan.residual else out
     return tap("block", index, block.ffn(x) if plan.ffn else x)

@@ -23,6 +23,11 @@ class WeightsUnavailableError(ModelError):
     """Pretrained weights could not be downloaded (offline) and no local file was given."""
 
 
+class TokenizerUnavailableError(ModelError):
+    """A model's tokenizer comes from the hub and could not be had (offline, not cached), or
+    its files cannot be read; pass a tokenizer instead."""
+
+
 class TextError(ClipSurgeryError):
     """A text query is empty, not a string, or too long for the model's context."""
 

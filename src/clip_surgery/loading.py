@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .errors import InputFileError, ModelError, OptionError, WeightsUnavailableError
+from .errors import (
+    InputFileError,
+    ModelError,
+    OptionError,
+    TokenizerUnavailableError,
+    WeightsUnavailableError,
+)
 from .model import SurgeryModel
 
 if TYPE_CHECKING:  # open_clip is imported where a model is built (it pulls transformers in)
@@ -38,8 +44,10 @@ OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 def wrap(model: nn.Module, tokenizer=None, name: str = "custom") -> SurgeryModel:
-    """Wrap a model you already have: an open_clip CLIP (ViT or ModifiedResNet) or a
-    ``transformers.CLIPModel``. It is used as is, never modified."""
+    """Wrap a model you already have: an open_clip CLIP (ViT, ModifiedResNet), SigLIP or EVA
+    model, or a ``transformers.CLIPModel`` or ``SiglipModel``. It is used as is, never
+    modified. ``tokenizer``: its tokenizer, or any callable from a list of prompts to token ids
+    ``[prompts, length]`` (default: CLIP's BPE, for models with CLIP's vocabulary)."""
     return SurgeryModel(model, tokenizer, name=name)
 
 
@@ -49,6 +57,7 @@ def load(
     *,
     device: str | torch.device = "cpu",
     quick_gelu: bool | None = None,
+    tokenizer=None,
 ) -> SurgeryModel:
     """Load a CLIP model for explanation.
 
@@ -60,24 +69,26 @@ def load(
     (``save_pretrained`` output of a transformers CLIPModel, or an open_clip folder with
     ``open_clip_config.json``). ``quick_gelu=None`` picks QuickGELU for OpenAI weights
     (TorchScript, fp16 or the ``openai`` tag) and for inferred architectures, the config's own
-    activation otherwise.
+    activation otherwise. ``tokenizer``: use this one instead of the model's own (any callable
+    from a list of prompts to token ids); SigLIP's tokenizers come from the hub, so offline
+    and not cached they must be passed.
     """
     _check_device(device)
     text = str(name_or_path)
     if text in BUNDLED:
         return _load_bundled(text, device)
     if text.startswith(HUB_PREFIX):
-        return _load_hub(text[len(HUB_PREFIX) :], device)
+        return _load_hub(text[len(HUB_PREFIX) :], device, tokenizer)
     if _looks_like_path(text):
         path = Path(text)
         if path.is_dir():
-            return _load_folder(path, device)
-        return _load_file(path, None, device, quick_gelu)
+            return _load_folder(path, device, tokenizer)
+        return _load_file(path, None, device, quick_gelu, tokenizer)
     name = OPENAI_NAMES.get(text, text)
     _check_model_name(name)
     if pretrained is not None and _looks_like_path(str(pretrained)):
-        return _load_file(Path(pretrained), name, device, quick_gelu)
-    return _load_pretrained(name, pretrained, device, quick_gelu)
+        return _load_file(Path(pretrained), name, device, quick_gelu, tokenizer)
+    return _load_pretrained(name, pretrained, device, quick_gelu, tokenizer)
 
 
 def _check_device(device) -> None:
@@ -97,7 +108,8 @@ def _check_device(device) -> None:
 BUNDLED = ("tiny-synth",)
 HUB_PREFIX = "hf-hub:"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
+HF_MODELS = {"clip": "CLIPModel", "siglip": "SiglipModel"}  # config model_type -> class
 
 
 def _load_bundled(name: str, device) -> SurgeryModel:
@@ -132,7 +144,7 @@ def _check_model_name(name: str) -> None:
         raise ModelError(f"unknown model {name!r}{hint} (or pass a weights file path)")
 
 
-def _load_pretrained(name, tag, device, quick_gelu) -> SurgeryModel:
+def _load_pretrained(name, tag, device, quick_gelu, tokenizer=None) -> SurgeryModel:
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(name)
@@ -156,15 +168,15 @@ def _load_pretrained(name, tag, device, quick_gelu) -> SurgeryModel:
             )
     except Exception as error:  # open_clip/huggingface_hub raise many types when offline
         raise WeightsUnavailableError(_offline_message(name, tag, config)) from error
-    return SurgeryModel(
-        model.eval(), open_clip.get_tokenizer(name), name=f"{name}/{tag}", source=tag
-    )
+    if tokenizer is None:
+        tokenizer = _open_clip_tokenizer(name, name)
+    return SurgeryModel(model.eval(), tokenizer, name=f"{name}/{tag}", source=tag)
 
 
 # ---------------------------------------------------------------- hub names and folders
 
 
-def _load_hub(repo: str, device) -> SurgeryModel:
+def _load_hub(repo: str, device, tokenizer=None) -> SurgeryModel:
     """``hf-hub:ORG/NAME``: an open_clip repo (``open_clip_config.json``) or a transformers
     CLIP repo (``config.json``), from the hub or its local cache."""
     import open_clip
@@ -173,14 +185,16 @@ def _load_hub(repo: str, device) -> SurgeryModel:
     if kind == "open_clip":
         with _quiet_logging():
             model = open_clip.create_model(HUB_PREFIX + repo, device=device)
-        tokenizer = open_clip.get_tokenizer(HUB_PREFIX + repo)
+        if tokenizer is None:
+            tokenizer = _open_clip_tokenizer(HUB_PREFIX + repo, repo)
         return SurgeryModel(model.eval(), tokenizer, name=HUB_PREFIX + repo, source=repo)
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.txt", *HF_WEIGHTS, "model-*.safetensors", "pytorch_model-*.bin"]
+    patterns = ["*.json", "*.txt", "*.model", *HF_WEIGHTS, "model-*.safetensors"]
+    patterns.append("pytorch_model-*.bin")
     with _quiet_logging():
         folder = Path(snapshot_download(repo, allow_patterns=patterns))
-    model = _load_transformers(folder, device)
+    model = _load_transformers(folder, device, tokenizer)
     model.name, model.source = HUB_PREFIX + repo, folder
     return model
 
@@ -208,7 +222,7 @@ def _hub_kind(repo: str) -> str:
     )
 
 
-def _load_folder(path: Path, device) -> SurgeryModel:
+def _load_folder(path: Path, device, tokenizer=None) -> SurgeryModel:
     """A folder: transformers ``save_pretrained`` output, or an open_clip folder."""
     import open_clip
 
@@ -220,11 +234,11 @@ def _load_folder(path: Path, device) -> SurgeryModel:
         except Exception as error:
             detail = " ".join(str(error).split())[:160]
             raise ModelError(f"cannot load the open_clip folder {path}: {detail}") from None
-        return SurgeryModel(
-            model.eval(), open_clip.get_tokenizer(target), name=path.name, source=path
-        )
+        if tokenizer is None:
+            tokenizer = _open_clip_tokenizer(target, str(path))
+        return SurgeryModel(model.eval(), tokenizer, name=path.name, source=path)
     if (path / "config.json").is_file():
-        return _load_transformers(path, device)
+        return _load_transformers(path, device, tokenizer)
     raise ModelError(
         f"{path} is a folder without config.json (transformers save_pretrained) or "
         "open_clip_config.json (open_clip); pass a weights file or such a folder"
@@ -242,17 +256,17 @@ def _require_transformers():
     return transformers
 
 
-def _load_transformers(path: Path, device) -> SurgeryModel:
-    """A transformers CLIP folder: config.json, weights, and its tokenizer files if any."""
+def _load_transformers(path: Path, device, tokenizer=None) -> SurgeryModel:
+    """A transformers CLIP or SigLIP folder: config.json, weights, its tokenizer files if any."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise InputFileError(f"cannot read {path / 'config.json'}: {error}") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "clip":
+    if model_type not in HF_MODELS:
         raise ModelError(
-            f"{path} holds a transformers {model_type!r} model; clip-surgery runs CLIP "
-            "(model_type 'clip', CLIPModel) and open_clip CLIP models"
+            f"{path} holds a transformers {model_type!r} model; clip-surgery runs CLIP and "
+            "SigLIP (model_type 'clip' or 'siglip': CLIPModel, SiglipModel) and open_clip models"
         )
     if not any((path / name).is_file() for name in HF_WEIGHTS) and not any(
         path.glob("*.index.json")
@@ -262,14 +276,77 @@ def _load_transformers(path: Path, device) -> SurgeryModel:
     with _quiet_logging():
         major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
         dtype_name = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
-        model = transformers.CLIPModel.from_pretrained(path, **{dtype_name: torch.float32})
-        tokenizer = None
-        if any((path / name).is_file() for name in HF_TOKENIZER_FILES):
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model_class = getattr(transformers, HF_MODELS[model_type])
+        model = model_class.from_pretrained(path, **{dtype_name: torch.float32})
+    if tokenizer is None and any((path / name).is_file() for name in HF_TOKENIZER_FILES):
+        tokenizer = _transformers_tokenizer(transformers, path)
+    if tokenizer is None and model_type != "clip":
+        raise TokenizerUnavailableError(
+            f"{path} has no tokenizer files ({', '.join(HF_TOKENIZER_FILES)}) and a "
+            f"{model_type!r} model does not use CLIP's BPE: copy its hub repo's tokenizer files "
+            "there, or pass a tokenizer: load(..., tokenizer=CALLABLE)"
+        )
     mean, std = _hf_normalization(path)
     return SurgeryModel(
         model.to(device).eval(), tokenizer, name=path.name, source=path, mean=mean, std=std
     )
+
+
+def _transformers_tokenizer(transformers, path: Path):
+    """``AutoTokenizer`` of a folder; one-line TokenizerUnavailableError when it cannot load."""
+    try:
+        with _quiet_logging():
+            return transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # a missing backend (sentencepiece) or unreadable files
+        detail = " ".join(str(error).split())[:160]
+        raise TokenizerUnavailableError(
+            f"cannot load the tokenizer in {path} ({type(error).__name__}: {detail}); pass a "
+            "tokenizer: load(..., tokenizer=CALLABLE)"
+        ) from None
+
+
+def _open_clip_tokenizer(target: str, label: str):
+    """open_clip's tokenizer for ``target`` (a name, hf-hub: or local-dir:); one line saying
+    what is missing and how to pass one when it comes from the hub and cannot be had."""
+    import open_clip
+
+    try:
+        with _quiet_logging():
+            return open_clip.get_tokenizer(target)
+    except Exception as error:  # huggingface_hub/transformers raise many types when offline
+        source = _tokenizer_source(target)
+        detail = " ".join(str(error).split())[:120]
+        fetch = f"run `hf download {source}` on a machine with internet, or " if source else ""
+        raise TokenizerUnavailableError(
+            f"the tokenizer of {label} ({source or 'its tokenizer files'}) cannot be loaded: "
+            f"{type(error).__name__}: {detail}; {fetch}pass a tokenizer: "
+            "load(..., tokenizer=CALLABLE) or wrap(model, tokenizer=CALLABLE), any callable "
+            "returning token ids"
+        ) from None
+
+
+def _tokenizer_source(target: str) -> str:
+    """The hub repo a tokenizer comes from (``""`` for a local folder)."""
+    import open_clip
+
+    if target.startswith(HUB_PREFIX):
+        return target[len(HUB_PREFIX) :]
+    if target.startswith("local-dir:"):
+        return ""
+    config = open_clip.get_model_config(target) or {}
+    return config.get("text_cfg", {}).get("hf_tokenizer_name", "")
+
+
+def _named_normalization(name: str):
+    """The image mean and std shared by every pretrained tag of open_clip model ``name``."""
+    import open_clip
+
+    found = set()
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        config = open_clip.get_pretrained_cfg(name, tag)
+        if "mean" in config and "std" in config:
+            found.add((tuple(config["mean"]), tuple(config["std"])))
+    return found.pop() if len(found) == 1 else (None, None)
 
 
 def _hf_normalization(path: Path):
@@ -294,7 +371,13 @@ def _quiet_logging() -> Iterator[None]:
 
 def _offline_message(name: str, tag: str, config: dict) -> str:
     url = config.get("url") or ""
-    hub = config.get("hf_hub") or ""
+    hub = (config.get("hf_hub") or "").rstrip("/")
+    if hub and _tokenizer_source(name):  # the hub folder also holds the tokenizer it needs
+        return (
+            f"could not download weights for {name} ({tag}), no connection or cache; on a "
+            f"machine with internet run `hf download {hub} --local-dir {name}` and pass that "
+            f"folder: --checkpoint {name} (Python: load('{name}'))"
+        )
     filename = url.rsplit("/", 1)[-1] if url else f"{name}-{tag}.bin"
     where = url or (f"https://huggingface.co/{hub.rstrip('/')}" if hub else "the model's hub page")
     if tag == "openai":  # OpenAI's files say their architecture and activation themselves
@@ -351,9 +434,11 @@ def _unwrap(checkpoint) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def _load_file(path: Path, name: str | None, device, quick_gelu) -> SurgeryModel:
+def _load_file(path: Path, name: str | None, device, quick_gelu, tokenizer=None) -> SurgeryModel:
     import open_clip
 
+    if name is not None and tokenizer is None:  # a hub tokenizer fails before the weights load
+        tokenizer = _open_clip_tokenizer(name, name)
     state_dict, fmt = read_state_dict(path)
     openai_style = fmt == "torchscript" or any(key in state_dict for key in OPENAI_EXTRA_KEYS)
     state_dict = {k: v for k, v in state_dict.items() if k not in OPENAI_EXTRA_KEYS}
@@ -373,17 +458,18 @@ def _load_file(path: Path, name: str | None, device, quick_gelu) -> SurgeryModel
             )
         use_quick = True if quick_gelu is None else quick_gelu
         model = build_from_state_dict(state_dict, quick_gelu=use_quick)
-        tokenizer = None  # CLIP's BPE
-        label = path.name
+        label, mean, std = path.name, None, None  # tokenizer None: CLIP's BPE
     else:
         use_quick = openai_style if quick_gelu is None else quick_gelu
         with _quiet_logging():  # "no pretrained weights loaded": we load them next
             model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick)
         _load_into(model, state_dict, f"{path} does not match {name}")
-        tokenizer = open_clip.get_tokenizer(name)
         label = f"{name}/{path.name}"
+        mean, std = _named_normalization(name)
     _check_finite(model, path)
-    return SurgeryModel(model.to(device).eval(), tokenizer, name=label, source=path)
+    return SurgeryModel(
+        model.to(device).eval(), tokenizer, name=label, source=path, mean=mean, std=std
+    )
 
 
 def _check_finite(model: nn.Module, path: Path) -> None:

@@ -288,34 +288,51 @@ class SurgeryModel:
 
     def _embed_texts(self, texts: list[str], templates: tuple[str, ...] | None) -> torch.Tensor:
         missing = list(dict.fromkeys(t for t in texts if (templates, t) not in self._text_cache))
-        keys = {}
-        if missing and self._disk_cache is not None:
-            keys = {text: self._disk_key(templates, text) for text in missing}
-            for text in missing:
-                stored = self._disk_cache.get(keys[text])
-                if stored is not None:
-                    self._text_cache[(templates, text)] = torch.from_numpy(stored).to(self.device)
-            missing = [t for t in missing if (templates, t) not in self._text_cache]
         if missing:
             text_tower = self.backbone.text
             prompts = [prompt for text in missing for prompt in prompts_for(text, templates)]
             tokens = text_tower.tokenize(prompts)
-            with self.inference():
-                embedded = encode_tokens(text_tower, tokens, self.device, TEXT_BATCH)
-            per_text = F.normalize(embedded, dim=-1).view(len(missing), -1, embedded.shape[-1])
-            means = F.normalize(per_text.mean(dim=1), dim=-1)
-            for text, mean in zip(missing, means, strict=True):
-                self._text_cache[(templates, text)] = mean
+            tokens = tokens.view(len(missing), -1, tokens.shape[-1])
+            keys = {}
             if self._disk_cache is not None:
-                entries = zip(missing, means.cpu().numpy(), strict=True)
-                self._disk_cache.put((keys[text], vector) for text, vector in entries)
+                keys = {
+                    text: self._disk_key(ids) for text, ids in zip(missing, tokens, strict=True)
+                }
+                self._read_disk(missing, templates, keys)
+            todo = [
+                i for i, text in enumerate(missing) if (templates, text) not in self._text_cache
+            ]
+            if todo:
+                self._encode_missing([missing[i] for i in todo], tokens[todo], templates, keys)
         return torch.stack([self._text_cache[(templates, t)] for t in texts])
 
-    def _disk_key(self, templates: tuple[str, ...] | None, text: str) -> str:
-        """The disk-cache key of one text: weights, tokenizer, precision, templates, text."""
-        tokenizer = self.backbone.text.tokenizer.identity
+    def _read_disk(self, texts: list[str], templates, keys: dict[str, str]) -> None:
+        """Fill the memory cache with the texts the disk cache holds."""
+        for text in texts:
+            stored = self._disk_cache.get(keys[text])
+            if stored is not None:
+                self._text_cache[(templates, text)] = torch.from_numpy(stored).to(self.device)
+
+    def _encode_missing(self, texts: list[str], tokens: torch.Tensor, templates, keys) -> None:
+        """Encode ``tokens`` ``[T, P, L]`` (P prompts per text); cache each prompt mean."""
+        text_tower = self.backbone.text
+        with self.inference():
+            embedded = encode_tokens(text_tower, tokens.flatten(0, 1), self.device, TEXT_BATCH)
+        per_text = F.normalize(embedded, dim=-1).view(len(texts), -1, embedded.shape[-1])
+        means = F.normalize(per_text.mean(dim=1), dim=-1)
+        for text, mean in zip(texts, means, strict=True):
+            self._text_cache[(templates, text)] = mean
+        if self._disk_cache is not None:
+            entries = zip(texts, means.cpu().numpy(), strict=True)
+            self._disk_cache.put((keys[text], vector) for text, vector in entries)
+
+    def _disk_key(self, tokens: torch.Tensor) -> str:
+        """The disk-cache key of one text: the weights, the precision, and the token ids of its
+        prompts (whatever tokenizer made them, they fix the embedding)."""
+        ids = tokens.detach().cpu().to(torch.int64).contiguous().numpy()
+        digest = hashlib.sha256(repr(ids.shape).encode() + ids.tobytes()).hexdigest()
         precision = effective_precision(self.device, self.backbone.precision)
-        return entry_key(self.weights_hash, tokenizer, precision, templates, text)
+        return entry_key(self.weights_hash, precision, digest)
 
     # ------------------------------------------------------------ explanations
 

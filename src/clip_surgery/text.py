@@ -55,50 +55,50 @@ def prompts_for(text: str, templates: tuple[str, ...] | None) -> list[str]:
 
 
 class PromptTokenizer:
-    """Any CLIP tokenizer behind one interface: ids ``[P, context]``, token counts, and a
-    TextError for a prompt that does not fit instead of silent truncation.
+    """Any tokenizer behind one interface: ids ``[P, context]``, token counts, and a TextError
+    for a prompt that does not fit instead of silent truncation.
 
-    Takes open_clip's ``SimpleTokenizer`` (CLIP's BPE), open_clip's ``HFTokenizer`` and
-    Hugging Face ``transformers`` tokenizers.
+    Takes open_clip's ``SimpleTokenizer`` (CLIP's BPE), open_clip's ``HFTokenizer``, Hugging
+    Face ``transformers`` tokenizers, and any callable from a list of prompts to token ids
+    ``[P, L]`` with ``L <= context`` (a plain callable cannot count tokens: it is trusted to fit
+    its prompts, and word-level explanations need one of the others).
     """
 
     def __init__(self, tokenizer, context_length: int):
+        if not callable(tokenizer):
+            raise TextError(f"the tokenizer must be callable, got {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         self.context_length = context_length
         inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps one
         self._hf = tokenizer if _is_transformers(tokenizer) else inner
         if self._hf is not None and not _is_transformers(self._hf):
             self._hf = None
+        self._counts = self._hf is not None or callable(getattr(tokenizer, "encode", None))
 
-    @property
-    def identity(self) -> str:
-        """What the tokenizer is, for cache keys: CLIP's BPE, a hub tokenizer's name and
-        vocabulary size, or the callable's type; with the context length."""
-        if self._hf is not None:
-            name = getattr(self._hf, "name_or_path", "") or type(self._hf).__name__
-            return f"hf:{name}:{len(self._hf)}:{self.context_length}"
-        kind = type(self.tokenizer)
-        if kind.__module__.startswith("open_clip.") and kind.__name__ == "SimpleTokenizer":
-            return f"clip-bpe:{self.context_length}"
-        return f"{kind.__module__}.{kind.__qualname__}:{self.context_length}"
-
-    def count(self, prompt: str) -> int:
-        """Tokens of ``prompt`` with the start and end tokens."""
+    def count(self, prompt: str) -> int | None:
+        """Tokens of ``prompt`` with the start and end tokens (None: this tokenizer cannot say)."""
         if self._hf is not None:
             return len(self._hf(prompt)["input_ids"])
+        if not self._counts:
+            return None
         return len(self.tokenizer.encode(prompt)) + 2
 
     def pieces(self, word: str) -> int:
         """Tokens of ``word`` alone, without start and end tokens."""
         if self._hf is not None:
             return len(self._hf(word, add_special_tokens=False)["input_ids"])
+        if not self._counts:
+            raise TextError(
+                "this tokenizer cannot count a word's tokens (no encode method): word "
+                "explanations need a CLIP, open_clip or transformers tokenizer"
+            )
         return len(self.tokenizer.encode(word))
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         """Token ids ``[P, context_length]`` (long)."""
         for prompt in prompts:
             count = self.count(prompt)
-            if count > self.context_length:
+            if count is not None and count > self.context_length:
                 raise TextError(
                     f"text too long: {prompt[:60]!r}... has {count} tokens, "
                     f"the model's context holds {self.context_length}"
@@ -111,7 +111,27 @@ class PromptTokenizer:
                 return_tensors="pt",
             )
             return encoded["input_ids"].long()
-        return self.tokenizer(prompts).long()
+        return self._checked(self.tokenizer(prompts), len(prompts))
+
+    def _checked(self, ids, prompts: int) -> torch.Tensor:
+        """The tokenizer's output as ``[P, L]`` long ids; TextError for any other shape."""
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise TextError(
+                f"the tokenizer returned {type(ids).__name__}, not token ids [prompts, length]"
+            ) from None
+        if ids.dim() != 2 or len(ids) != prompts or ids.is_floating_point() or ids.is_complex():
+            raise TextError(
+                f"the tokenizer returned {ids.dtype} of shape {tuple(ids.shape)} for {prompts} "
+                "prompt(s); expected integer token ids [prompts, length]"
+            )
+        if ids.shape[1] > self.context_length:
+            raise TextError(
+                f"the tokenizer returned {ids.shape[1]} tokens per prompt; the model's context "
+                f"holds {self.context_length}"
+            )
+        return ids.long()
 
 
 def encode_tokens(tower, tokens: torch.Tensor, device: torch.device, batch: int) -> torch.Tensor:

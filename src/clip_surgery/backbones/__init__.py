@@ -19,7 +19,8 @@ class Family:
 
     name: str
     has_blocks: bool  # transformer blocks whose attention a method may change
-    attentive_head: bool  # a pooling head with its own attention (ResNet's attention pool)
+    attentive_head: bool  # dense tokens go through the head's attention (ResNet's attention pool)
+    cls_token: bool  # the image embedding is a CLS token's, which attends in every block
     loads: str  # what ``clip_surgery.load`` takes for it
 
 
@@ -28,14 +29,47 @@ FAMILIES = (
         "open_clip ViT",
         True,
         False,
+        True,
         "open_clip names + tags, OpenAI names, .pt/.bin/.safetensors files, open_clip folders",
     ),
-    Family("open_clip ModifiedResNet", False, True, "RN50, RN101, RN50x4, ... (names or files)"),
+    Family(
+        "open_clip ModifiedResNet",
+        False,
+        True,
+        False,
+        "RN50, RN101, RN50x4, ... (names or files)",
+    ),
     Family(
         "transformers CLIP",
         True,
         False,
+        True,
         "hf-hub:ORG/NAME, save_pretrained folders, CLIPModel objects (extra [hf])",
+    ),
+    Family(
+        "open_clip SigLIP",
+        True,
+        False,
+        False,
+        "timm ViT towers with a MAP head: ViT-B-16-SigLIP, ViT-B-16-SigLIP2, ... + tag webli, "
+        "files (name + file), hf-hub:timm/..., open_clip folders; needs timm and the model's "
+        "tokenizer (hub) or tokenizer=",
+    ),
+    Family(
+        "open_clip EVA",
+        True,
+        False,
+        True,
+        "timm Eva (or ViT) towers with CLS pooling: EVA02-B-16, EVA02-L-14, ... + tags, files, "
+        "open_clip folders; needs timm",
+    ),
+    Family(
+        "transformers SigLIP",
+        True,
+        False,
+        False,
+        "hf-hub:google/siglip-..., save_pretrained folders, SiglipModel objects (extra [hf]; "
+        "SigLIP's tokenizer files or tokenizer=)",
     ),
 )
 
@@ -43,6 +77,19 @@ FAMILIES = (
 def family(name: str) -> Family:
     """The family called ``name``."""
     return next(f for f in FAMILIES if f.name == name)
+
+
+def capabilities(backbone: Backbone) -> Family:
+    """What ``backbone``'s vision tower offers, read from its adapters, under its family's name."""
+    vision = backbone.vision
+    known = {entry.name: entry.loads for entry in FAMILIES}
+    return Family(
+        backbone.family,
+        bool(vision.blocks),
+        vision.head.attentive,
+        vision.head.pools_first_token,
+        known.get(backbone.family, ""),
+    )
 
 
 def adapt(module: nn.Module, tokenizer=None, **normalization) -> Backbone:
@@ -57,9 +104,10 @@ def adapt(module: nn.Module, tokenizer=None, **normalization) -> Backbone:
     if not openclip.matches(module):
         raise ModelError(
             f"unsupported model {type(module).__name__}: clip-surgery runs open_clip CLIP models "
-            "(ViT with CLS pooling, ModifiedResNet) and transformers CLIPModel"
+            "(ViT with CLS pooling, ModifiedResNet, timm SigLIP and EVA towers) and transformers "
+            "CLIPModel and SiglipModel"
         )
-    return openclip.build(module, tokenizer)
+    return openclip.build(module, tokenizer, **normalization)
 
 
 __all__ = [
@@ -73,5 +121,6 @@ __all__ = [
     "TextTower",
     "VisionTower",
     "adapt",
+    "capabilities",
     "family",
 ]

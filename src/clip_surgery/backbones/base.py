@@ -40,8 +40,9 @@ class Block(Protocol):
     def norm1(self, x: Tensor) -> Tensor:
         """The norm before attention."""
 
-    def qkv(self, normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v of normalised tokens, each ``[B, heads, N, head_dim]``."""
+    def qkv(self, normed: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of normalised tokens on ``grid``, each ``[B, heads, N, head_dim]`` (the grid
+        places rotary position embeddings; blocks without them ignore it)."""
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The block's own attention (softmax(q k^T / sqrt(d)) v for CLIP)."""
@@ -57,7 +58,7 @@ class Head(Protocol):
     """The tower's pooling head: the image embedding, and the per-token value path."""
 
     pools_first_token: bool  # the pooled embedding reads token 0 only (CLS pooling)
-    attentive: bool  # the head has its own attention (ResNet's attention pool)
+    attentive: bool  # dense tokens go through the head's own attention (ResNet's attention pool)
 
     def pool(self, x: Tensor, grid: Grid, positions: PositionMode) -> Tensor:
         """The image embedding ``[B, D]`` (projected, not normalised)."""
@@ -66,7 +67,8 @@ class Head(Protocol):
         self, x: Tensor, grid: Grid, positions: PositionMode, attention: Attention | None
     ) -> Tensor:
         """One projected feature per patch token ``[B, N, D]``; ``attention`` replaces an
-        attentive head's own attention for these tokens (``None``: the head's own)."""
+        attentive head's own attention for these tokens (``None``: the head's own); a head
+        that is not attentive ignores it (docs/method.md, section 3)."""
 
 
 class VisionTower(Protocol):

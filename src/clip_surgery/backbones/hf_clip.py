@@ -28,7 +28,7 @@ class HfClipBlock:
         """``layer_norm1``."""
         return self.layer.layer_norm1(x)
 
-    def qkv(self, normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, normed: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor]:
         """``q_proj``, ``k_proj``, ``v_proj`` per head."""
         attention = self.layer.self_attn
         return tuple(
@@ -84,8 +84,9 @@ class HfClipVision:
         return vision.pre_layrnorm(x), (rows, cols)
 
 
-class HfClipText:
-    """``CLIPTextTransformer`` plus ``text_projection``; CLIP's BPE unless a tokenizer is given."""
+class HfText:
+    """A transformers text model and its projection: ``get_text_features`` for the embedding,
+    the final hidden states projected for per-token features. ``tokenizer=None``: CLIP's BPE."""
 
     def __init__(self, model: nn.Module, tokenizer=None):
         self.model = model
@@ -105,18 +106,25 @@ class HfClipText:
         features = self.model.get_text_features(input_ids=tokens)
         return getattr(features, "pooler_output", features)
 
-    def prompt_lengths(self, tokens: Tensor) -> Tensor:
-        """Through the pooled end token (CLIP's text transformer is causal), as transformers
-        pools: the highest id for the legacy ``eos_token_id == 2``, else the first end token."""
+    causal = True  # CLIP's text transformer: each position sees only the ones before it
+
+    def prompt_lengths(self, tokens: Tensor) -> Tensor | None:
+        """Through the pooled end token for a causal text model, as transformers pools: the
+        highest id for the legacy ``eos_token_id == 2``, else the first end token."""
+        if not self.causal:
+            return None
         eos = self.model.config.text_config.eos_token_id
         if eos == 2:
             return tokens.argmax(dim=-1) + 1
         return (tokens == eos).int().argmax(dim=-1) + 1
 
+    def project(self, hidden: Tensor) -> Tensor:
+        """CLIP's ``text_projection`` (no bias)."""
+        return F.linear(hidden, self.model.text_projection.weight)
+
     def token_features(self, tokens: Tensor) -> Tensor:
         """Every token's final hidden state (after the final norm), projected."""
-        hidden = self.model.text_model(input_ids=tokens).last_hidden_state
-        return F.linear(hidden, self.model.text_projection.weight)
+        return self.project(self.model.text_model(input_ids=tokens).last_hidden_state)
 
     def pieces(self, word: str) -> int:
         """Tokens of ``word`` without the start and end tokens."""
@@ -129,17 +137,21 @@ def matches(module: nn.Module) -> bool:
 
 
 def build(module: nn.Module, tokenizer=None, mean=None, std=None) -> Backbone:
-    """The adapters of a ``transformers.CLIPModel``."""
+    """The adapters of a ``transformers.CLIPModel`` (``SiglipModel``: hf_siglip)."""
+    if type(module).__name__ == "SiglipModel":
+        from . import hf_siglip
+
+        return hf_siglip.build(module, tokenizer, mean, std)
     if type(module).__name__ != "CLIPModel":
         raise ModelError(
             f"unsupported transformers model {type(module).__name__}: clip-surgery runs "
-            "transformers CLIPModel (and open_clip ViT / ModifiedResNet CLIP models)"
+            "transformers CLIPModel and SiglipModel (and open_clip CLIP, SigLIP and EVA models)"
         )
     return Backbone(
         "transformers CLIP",
         module,
         HfClipVision(module),
-        HfClipText(module, tokenizer),
+        HfText(module, tokenizer),
         tuple(mean or OPENAI_MEAN),
         tuple(std or OPENAI_STD),
         module.logit_scale,

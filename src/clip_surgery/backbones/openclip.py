@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
+from open_clip.transformer import (
+    ResidualAttentionBlock,
+    TextTransformer,
+    VisionTransformer,
+    text_global_pool,
+)
 from torch import Tensor, nn
 
 from ..errors import ModelError
@@ -17,7 +22,11 @@ from ..typedefs import Grid, PositionMode
 from .base import Attention, AttentionContext, Backbone
 from .common import ClsHead, interpolate_positions, merge_heads, sdpa, split_heads
 
-SUPPORTED = "open_clip VisionTransformer (CLS pooling) and ModifiedResNet towers"
+SUPPORTED = (
+    "open_clip VisionTransformer (CLS pooling) and ModifiedResNet towers, and timm ViT / Eva "
+    "towers (SigLIP, SigLIP 2, EVA-02)"
+)
+CLIP_VOCABULARY = 49408  # CLIP's BPE (open_clip's SimpleTokenizer)
 
 
 def _pair(size) -> tuple[int, int]:
@@ -35,7 +44,7 @@ class OpenClipBlock:
         """``ln_1``."""
         return self.block.ln_1(x)
 
-    def qkv(self, normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, normed: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor]:
         """The value, key and query slices of the fused in-projection, per head."""
         attn = self.block.attn
         q, k, v = F.linear(normed, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
@@ -159,12 +168,15 @@ class OpenClipResNet:
 
 
 class OpenClipText:
-    """open_clip's text side: its tokenizer and ``encode_text``."""
+    """open_clip's text side: its tokenizer and ``encode_text``; the built-in CLIP text
+    transformer, or a ``CustomTextCLIP``'s ``TextTransformer`` (SigLIP, EVA-CLIP)."""
 
     def __init__(self, module: nn.Module, tokenizer=None):
         self.module = module
         self.context_length = int(module.context_length)
-        tokenizer = tokenizer or SimpleTokenizer(context_length=self.context_length)
+        if tokenizer is None:
+            _check_clip_vocabulary(module)
+            tokenizer = SimpleTokenizer(context_length=self.context_length)
         self.tokenizer = PromptTokenizer(tokenizer, self.context_length)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
@@ -173,47 +185,95 @@ class OpenClipText:
 
     def encode(self, tokens: Tensor) -> Tensor:
         """open_clip's own ``encode_text``; the same computation on a cut context."""
-        clip = self.module
-        if tokens.shape[1] == self.context_length:
-            return clip.encode_text(tokens)
+        causal = _causal_text(self.module)
+        if causal is None or tokens.shape[1] == self.context_length:
+            return self.module.encode_text(tokens)
+        holder, pool_type, eos = causal
         length = tokens.shape[1]
-        cast = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:length].to(cast)
-        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
-        x = text_global_pool(x, tokens, clip.text_pool_type, getattr(clip, "text_eos_id", None))
-        projection = clip.text_projection
-        if projection is None:
-            return x
-        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        cast = holder.transformer.get_cast_dtype()
+        x = holder.token_embedding(tokens).to(cast)
+        x = x + holder.positional_embedding[:length].to(cast)
+        x = holder.transformer(x, attn_mask=holder.attn_mask[:length, :length])
+        x = text_global_pool(holder.ln_final(x), tokens, pool_type, eos)
+        return _project_text(x, holder.text_projection)
 
     def prompt_lengths(self, tokens: Tensor) -> Tensor | None:
-        """Through the pooled token, for open_clip's causal text transformer (argmax/eos pool)."""
-        clip = self.module
-        causal = (
-            hasattr(clip, "token_embedding")
-            and getattr(clip, "attn_mask", None) is not None
-            and getattr(clip, "text_pool_type", None) in ("argmax", "eos")
-        )
-        if not causal:
+        """Through the pooled token, for a causal text transformer pooling at the end token
+        (argmax or eos pooling); None otherwise."""
+        causal = _causal_text(self.module)
+        if causal is None:
             return None
-        if clip.text_pool_type == "argmax":
+        _, pool_type, eos = causal
+        if pool_type == "argmax":
             return tokens.argmax(dim=-1) + 1
-        return (tokens == clip.text_eos_id).int().argmax(dim=-1) + 1
+        return (tokens == eos).int().argmax(dim=-1) + 1
 
     def token_features(self, tokens: Tensor) -> Tensor:
         """Every token through the text transformer, ``ln_final`` and the text projection."""
         clip = self.module
+        text = getattr(clip, "text", None)
+        if isinstance(text, TextTransformer):
+            return _text_transformer_tokens(text, tokens)
         if not hasattr(clip, "token_embedding"):
             raise ModelError("per-token text features need open_clip's built-in text transformer")
         length = tokens.shape[1]
         x = clip.token_embedding(tokens) + clip.positional_embedding[:length]
         x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
-        projection = clip.text_projection
-        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        return _project_text(x, clip.text_projection)
 
     def pieces(self, word: str) -> int:
         """Tokens of ``word`` without the start and end tokens."""
         return self.tokenizer.pieces(word)
+
+
+def _causal_text(clip: nn.Module) -> tuple[nn.Module, str, int | None] | None:
+    """The module holding a causal, end-token-pooled text transformer (CLIP itself, or a
+    ``CustomTextCLIP``'s ``TextTransformer``), its pool type and end id; None for others."""
+    if hasattr(clip, "token_embedding"):
+        holder, pool_type, eos = clip, clip.text_pool_type, getattr(clip, "text_eos_id", None)
+    elif isinstance(getattr(clip, "text", None), TextTransformer):
+        holder = clip.text
+        if holder.cls_emb is not None or holder.use_pad_mask:
+            return None
+        pool_type, eos = holder.pool_type, getattr(holder, "eos_id", None)
+    else:
+        return None
+    if getattr(holder, "attn_mask", None) is None or pool_type not in ("argmax", "eos"):
+        return None
+    if pool_type == "eos" and eos is None:
+        return None
+    return holder, pool_type, eos
+
+
+def _project_text(x: Tensor, projection) -> Tensor:
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+def _text_transformer_tokens(text: TextTransformer, tokens: Tensor) -> Tensor:
+    """A ``TextTransformer``'s last block output, ``ln_final`` and projection, per token."""
+    output = text.forward_intermediates(
+        tokens, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
+    )
+    return _project_text(output["text_intermediates"][-1], text.text_projection)
+
+
+def _text_vocabulary(module: nn.Module) -> int | None:
+    text = getattr(module, "text", module)
+    embedding = getattr(text, "token_embedding", None)
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+
+
+def _check_clip_vocabulary(module: nn.Module) -> None:
+    """ModelError when CLIP's BPE cannot be the default: the text tower has another vocabulary."""
+    vocabulary = _text_vocabulary(module)
+    if vocabulary is not None and vocabulary != CLIP_VOCABULARY:
+        raise ModelError(
+            f"this model's text tower has a {vocabulary}-token vocabulary, not CLIP's BPE "
+            f"({CLIP_VOCABULARY}): pass its tokenizer, e.g. clip_surgery.wrap(model, "
+            "tokenizer=open_clip.get_tokenizer(NAME)), or any callable returning token ids"
+        )
 
 
 def matches(module: nn.Module) -> bool:
@@ -221,20 +281,29 @@ def matches(module: nn.Module) -> bool:
     return hasattr(module, "visual") and hasattr(module, "encode_text")
 
 
-def build(module: nn.Module, tokenizer=None) -> Backbone:
+def build(module: nn.Module, tokenizer=None, mean=None, std=None) -> Backbone:
     """The adapters of an open_clip ``CLIP`` or ``CustomTextCLIP``."""
+    vision, family = _vision(module.visual)
     visual = module.visual
-    if isinstance(visual, ModifiedResNet):
-        vision, family = OpenClipResNet(visual), "open_clip ModifiedResNet"
-    elif isinstance(visual, VisionTransformer):
-        vision, family = OpenClipViT(visual), "open_clip ViT"
-    else:
-        raise ModelError(
-            f"unsupported visual tower {type(visual).__name__}: clip-surgery runs {SUPPORTED}, "
-            "and transformers CLIPModel"
-        )
-    mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
-    std = tuple(getattr(visual, "image_std", None) or OPENAI_STD)
+    mean = tuple(mean or getattr(visual, "image_mean", None) or OPENAI_MEAN)
+    std = tuple(std or getattr(visual, "image_std", None) or OPENAI_STD)
     return Backbone(
         family, module, vision, OpenClipText(module, tokenizer), mean, std, module.logit_scale
+    )
+
+
+def _vision(visual: nn.Module):
+    """The vision adapter and family name of an open_clip tower."""
+    if isinstance(visual, ModifiedResNet):
+        return OpenClipResNet(visual), "open_clip ModifiedResNet"
+    if isinstance(visual, VisionTransformer):
+        return OpenClipViT(visual), "open_clip ViT"
+    if type(visual).__name__ == "TimmModel":
+        from . import openclip_timm
+
+        tower = openclip_timm.TimmTower(visual)
+        return tower, tower.family
+    raise ModelError(
+        f"unsupported visual tower {type(visual).__name__}: clip-surgery runs {SUPPORTED}, "
+        "and transformers CLIPModel and SiglipModel"
     )

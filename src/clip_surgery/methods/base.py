@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import engine
-from ..backbones import FAMILIES, Backbone, Family
+from ..backbones import FAMILIES, Backbone, Family, capabilities
 from ..backbones.base import Attention, AttentionContext, VisionTower
 from ..errors import ModelError, OptionError
 from ..typedefs import Grid
@@ -86,6 +86,7 @@ class Method:
     summary: ClassVar[str]
     citation: ClassVar[str]
     needs_blocks: ClassVar[bool] = True  # False: also runs on towers without blocks (ResNet)
+    requirement: ClassVar[str] = "changes transformer blocks"  # what else it needs, in words
     gradient: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
@@ -103,9 +104,12 @@ class Method:
 
     def check(self, backbone: Backbone) -> None:
         """ModelError naming the supported families when this method cannot run on the model."""
-        if self.needs_blocks and not backbone.vision.blocks:
+        offered = capabilities(backbone)
+        if not self.supports(offered):
+            blocks = self.needs_blocks and not offered.has_blocks
+            reason = "changes transformer blocks" if blocks else self.requirement
             raise ModelError(
-                f"method {self.name!r} changes transformer blocks and applies to "
+                f"method {self.name!r} {reason} and applies to "
                 f"{', '.join(self.families())}; this model is {backbone.family}"
             )
 

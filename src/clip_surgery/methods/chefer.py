@@ -4,6 +4,7 @@ Chefer, Gur, Wolf, "Generic Attention-model Explainability for Interpreting Bi-M
 Encoder-Decoder Transformers", ICCV 2021; code github.com/hila-chefer/Transformer-MM-Explainability
 (CLIP notebook: ``R = I``; per block ``R += mean_heads((grad * A).clamp(min=0)) @ R``; relevance
 is the CLS row; the score is CLIP's logit; ``start_layer=-1`` means the last block only).
+Towers pooled by a MAP head (SigLIP) have no CLS row, so the method does not apply to them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class Chefer(GradientMethod):
         "Interpreting Bi-Modal and Encoder-Decoder Transformers, ICCV 2021"
     )
     Options = CheferOptions
+    requirement = "reads the CLS token's row of the blocks' attention"
+
+    def supports(self, family) -> bool:
+        """Blocks, and an image embedding that is a CLS token's (not a MAP head's latent)."""
+        return family.has_blocks and family.cls_token
 
     def scores(self, backbone, images, query: TextQuery, options: CheferOptions) -> Scores:
         """One backward pass per text over the recorded attention probabilities."""
