@@ -50,13 +50,18 @@ import clip_surgery
 from clip_surgery import synth
 from clip_surgery.images import OPENAI_MEAN, OPENAI_STD
 
-CONFIG = files("clip_surgery").joinpath("data/models/tiny-synth.json")
 GROUPS_PER_SPLIT = 10_000_000  # train seeds available (synth.SPLITS)
 
 
 def model_config(args) -> dict:
-    """The package's tiny-synth config with the command line's overrides."""
-    config = json.loads(Path(str(CONFIG)).read_text())
+    """The package's config ``--config`` (tiny-synth) with the command line's overrides."""
+    path = files("clip_surgery").joinpath(f"data/models/{args.config}.json")
+    config = json.loads(Path(str(path)).read_text())
+    if "timm_model_name" in config["vision_cfg"]:  # tiny-synth-siglip: a timm MAP-head tower
+        from clip_surgery.loading import register_bundled_towers
+
+        register_bundled_towers()
+        return config
     vision = config["vision_cfg"]
     for key in ("width", "layers", "patch_size", "head_width"):
         value = getattr(args, key)
@@ -193,6 +198,8 @@ def refine_grid(state: dict, model) -> dict:
     old model saw it upsampled twice (nearest), and the positional table is resized bilinearly
     to the doubled grid (patch-size resizing in the spirit of FlexiViT, Beyer et al., CVPR 2023).
     """
+    if "visual.conv1.weight" not in state:  # a timm tower: no patch-size refinement
+        return state
     kernel = state["visual.conv1.weight"]
     wanted = model.state_dict()["visual.conv1.weight"].shape
     if kernel.shape == wanted:
@@ -239,6 +246,12 @@ def main() -> None:
     """Train (or resume), evaluate, save weights, config, metrics and the loss curve."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/tiny-synth"))
+    parser.add_argument(
+        "--config",
+        default="tiny-synth",
+        choices=["tiny-synth", "tiny-synth-siglip"],
+        help="architecture from the package's data/models (tiny-synth-siglip: MAP head, no CLS)",
+    )
     parser.add_argument("--steps", type=int, default=6000, help="length of the schedule")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--group", type=int, default=4, help="variants per scene in a batch")
@@ -273,7 +286,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     args.out.mkdir(parents=True, exist_ok=True)
     config = model_config(args)
-    (args.out / "tiny-synth.json").write_text(json.dumps(config, indent=4) + "\n")
+    (args.out / f"{args.config}.json").write_text(json.dumps(config, indent=4) + "\n")
     model = build_model(config, args.seed).to(device)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
     bias = (
@@ -324,7 +337,7 @@ def main() -> None:
             args.out / "checkpoint.pt",
         )
         save_weights(
-            model, args.out / "tiny-synth.safetensors", step, losses, extra, schedule_start
+            model, args.out / f"{args.config}.safetensors", step, losses, extra, schedule_start
         )
 
     model.train()
@@ -398,8 +411,8 @@ def main() -> None:
     if metrics["finished"]:
         metrics |= evaluate(model, tokenizer, args.eval_count, args.pointing_count)
         metrics["eval_count"] = args.eval_count
-    (args.out / "tiny-synth.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_loss_curve(losses, args.out / "tiny-synth-loss.png", "tiny-synth training")
+    (args.out / f"{args.config}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_loss_curve(losses, args.out / f"{args.config}-loss.png", "tiny-synth training")
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
 
 

@@ -105,7 +105,32 @@ def _check_device(device) -> None:
         raise OptionError("device mps requested but MPS is not available here")
 
 
-BUNDLED = ("tiny-synth",)
+BUNDLED = ("tiny-synth", "tiny-synth-siglip")
+TINY_TIMM_TOWER = "tiny_synth_siglip_vit"
+
+
+def register_bundled_towers() -> None:
+    """Register with timm the vision tower of tiny-synth-siglip (a 64 px ViT, 8 px patches,
+    width 128, 6 blocks of 2 heads, no CLS token, SigLIP's MAP pooling head)."""
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    if TINY_TIMM_TOWER in timm.list_models(TINY_TIMM_TOWER):
+        return
+
+    def tiny_synth_siglip_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        """tiny-synth-siglip's vision tower."""
+        settings = dict(img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=2)
+        settings.update(class_token=False, global_pool="map")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's, unused
+            kwargs.pop(key, None)
+        tower = VisionTransformer(**{**settings, **kwargs})
+        tower.pretrained_cfg = tower.default_cfg = {"input_size": (3, 64, 64)}  # what timm sets
+        return tower
+
+    tiny_synth_siglip_vit.__name__ = TINY_TIMM_TOWER
+    register_model(tiny_synth_siglip_vit)
 HUB_PREFIX = "hf-hub:"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
@@ -125,6 +150,8 @@ def _load_bundled(name: str, device) -> SurgeryModel:
         )
     if name not in open_clip.list_models():
         open_clip.add_model_config(folder / f"{name}.json")
+    if name == "tiny-synth-siglip":
+        register_bundled_towers()
     return _load_file(weights, name, device, quick_gelu=None)
 
 
