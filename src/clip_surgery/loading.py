@@ -131,6 +131,8 @@ def register_bundled_towers() -> None:
 
     tiny_synth_siglip_vit.__name__ = TINY_TIMM_TOWER
     register_model(tiny_synth_siglip_vit)
+
+
 HUB_PREFIX = "hf-hub:"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
