@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import clip_surgery
-from clip_surgery import methods, synth
+from clip_surgery import backbones, methods, synth
 from clip_surgery.eval import runner
 from clip_surgery.viz import overlay, save_png
 
@@ -37,7 +37,7 @@ def figure(model, path: Path, scale: int = 4) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = methods.names()
+    names = applicable(model)
     rows = [synth.make_scene(synth.scene_seed("test", i)) for i in FIGURE_SCENES]
     fig, axes = plt.subplots(
         len(rows), len(names) + 1, figsize=(1.6 * (len(names) + 1), 1.75 * len(rows))
@@ -61,6 +61,12 @@ def figure(model, path: Path, scale: int = 4) -> Path:
     return save_png(fig, path)
 
 
+def applicable(model) -> list[str]:
+    """The registered methods that apply to ``model``'s backbone family."""
+    family = backbones.capabilities(model.backbone)
+    return [name for name in methods.names() if methods.get(name).supports(family)]
+
+
 def forward_ms(model, repeats: int = 50) -> float:
     """Median wall time of one plain forward (``encode_image``) of one native-size scene."""
     scene = synth.make_scene(synth.scene_seed("test", 0))
@@ -77,19 +83,20 @@ def forward_ms(model, repeats: int = 50) -> float:
 def main() -> None:
     """Run the benchmark; print the table; write JSON and the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-synth", help="tiny-synth or tiny-synth-siglip")
     parser.add_argument("--count", type=int, default=200, help="test scenes")
     parser.add_argument("--out", type=Path, default=Path("build/synth-benchmark"))
     parser.add_argument("--figure", type=Path, default=Path("docs/tiny_synth_methods.png"))
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
-    model = clip_surgery.load("tiny-synth")
+    model = clip_surgery.load(args.model)
     forward = forward_ms(model)
     accuracy = synth.zero_shot_accuracy(model, "test", 1000)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         synth.export_voc(folder, "test", args.count)
-        for name in methods.names():
+        for name in applicable(model):
             game = synth.pointing_game(model, name, "test", args.count)
             explain = runner.evaluate_explainability(
                 model, "synthetic", folder, name, size=None, progress=False
@@ -112,7 +119,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     figure(model, args.figure)
     report = {
-        "model": "tiny-synth",
+        "model": args.model,
         "weights": model.weights_hash,
         "test_scenes": args.count,
         "zero_shot_accuracy_1000": accuracy,
@@ -126,7 +133,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
     }
     (args.out / "synth_benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"tiny-synth zero-shot accuracy (largest shape, 1000 test scenes): {accuracy:.1%}")
+    print(f"{args.model} zero-shot accuracy (largest shape, 1000 test scenes): {accuracy:.1%}")
     print(
         f"forward of one {model.native_size} px scene (encode_image, "
         f"{torch.get_num_threads()} threads, median of 50): {forward:.1f} ms"
