@@ -112,8 +112,10 @@ def _decoded(data: bytes) -> np.ndarray:
 # ------------------------------------------------------------------ the browser
 
 
-def _chromium() -> str:
-    """Debian's Chromium (scripts/setup.sh installs it); skip or, in CI, fail without it."""
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium (scripts/setup.sh installs it); skip or, in CI, fail without it
+    (before the server starts)."""
     _require(_installed("playwright"), "playwright is not installed (pip install -e '.[dev]')")
     found = next(
         (shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None
@@ -158,14 +160,13 @@ def _check_page(page, srcs: list[str], expected: list[np.ndarray], model, path, 
     assert "explain.json" in downloads and ".zip" in downloads
 
 
-def test_browser_shows_the_api_overlays_and_errors(server, tiny, tmp_path):
+def test_browser_shows_the_api_overlays_and_errors(chromium, server, tiny, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    executable = _chromium()
     requests: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=executable, headless=True, args=["--no-sandbox"]
+            executable_path=chromium, headless=True, args=["--no-sandbox"]
         )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
