@@ -11,7 +11,7 @@ import pytest
 
 from clip_surgery import catalog
 
-HEAVY = ("torch", "open_clip", "matplotlib", "transformers", "PIL", "numpy")
+HEAVY = ("torch", "open_clip", "matplotlib", "transformers", "PIL", "numpy", "gradio")
 
 
 def _imported_after(args: list[str]) -> tuple[int, list[str], str]:
@@ -40,6 +40,8 @@ def _imported_after(args: list[str]) -> tuple[int, list[str], str]:
         (["methods"], 0),
         (["methods", "--json"], 0),
         (["backbones"], 0),
+        (["demo", "--help"], 0),
+        (["demo", "--port", "x"], 2),  # argparse's error
         (["explain", "a.png"], 2),  # --text missing: argparse's error
         (["eval", "--dataset", "voc21"], 2),  # --root missing
         (["nonsense"], 2),

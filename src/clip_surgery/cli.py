@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_eval_parsers(commands)
     add_task_parsers(commands)
+    add_demo_parser(commands)
     listing = commands.add_parser("methods", help="list the explanation methods")
     listing.add_argument("--json", action="store_true", help="print the listing as JSON")
     families = commands.add_parser("backbones", help="model families and the methods for each")
@@ -126,6 +127,32 @@ def add_task_parsers(commands) -> None:
     words.add_argument("--out", type=Path, default=Path("out"))
     words.add_argument("--json", action="store_true")
     add_model_options(words)
+
+
+def add_demo_parser(commands) -> None:
+    """The ``demo`` command: the web demo (extra ``[demo]``)."""
+    demo = commands.add_parser("demo", help="the web demo (pip install 'clip-surgery[demo]')")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    demo.add_argument("--port", type=int, default=7860, help="port to bind (7860)")
+    demo.add_argument("--concurrency", type=int, default=1, help="requests run at once (1)")
+    demo.add_argument("--queue-size", type=int, default=32, help="requests waiting at most (32)")
+    demo.add_argument("--max-texts", type=int, default=16, help="texts per request (16)")
+    demo.add_argument("--max-upload-mb", type=float, default=10, help="upload size limit (10)")
+    add_model_options(demo, model="tiny-synth", pixels="25000000 in the demo")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The ``demo`` command: serve the web demo until interrupted (tiny-synth by default)."""
+    from importlib.util import find_spec
+
+    if find_spec("gradio") is None:
+        raise ClipSurgeryError("the web demo needs gradio: pip install 'clip-surgery[demo]'")
+    from .demo import limits_from_args, serve
+
+    limits_from_args(args)  # bad limits before the model loads
+    if args.model is None and args.checkpoint is None:
+        args.model = "tiny-synth"  # starts offline
+    return serve(args, model_from_args(args))
 
 
 def _threshold(text: str) -> float | str:
@@ -358,11 +385,15 @@ def run_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """The model options every command shares."""
+def add_model_options(
+    parser: argparse.ArgumentParser,
+    model: str = DEFAULT_MODEL,
+    pixels: str = "89478485, Pillow's bomb guard",
+) -> None:
+    """The model options every command shares (``model``, ``pixels``: the defaults named)."""
     parser.add_argument(
         "--model",
-        help=f"open_clip, OpenAI or hf-hub:ORG/NAME model name (default {DEFAULT_MODEL})",
+        help=f"open_clip, OpenAI or hf-hub:ORG/NAME model name (default {model})",
     )
     parser.add_argument("--pretrained", help="pretrained tag for --model (default: openai)")
     parser.add_argument(
@@ -374,7 +405,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-pixels",
         type=int,
-        help="largest image accepted, in pixels (default 89478485, Pillow's bomb guard)",
+        help=f"largest image accepted, in pixels (default {pixels})",
     )
     parser.add_argument(
         "--max-side",
@@ -544,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "segment": run_segment,
             "classify": run_classify,
             "explain-text": run_explain_text,
+            "demo": run_demo,
         }
         _prepare(args)
         from .distributed import session
