@@ -7,8 +7,8 @@ github.com/visinf/1-stage-wseg (``models/mods/pamr.py``), used as NACLIP's post-
 ``-|I(p) - I(n)| / (1e-8 + 0.1 * std)`` with ``std`` the unbiased standard deviation of the
 pixel's 3 x 3 neighbourhoods at all dilations (centre included once per dilation), averaged
 over the image channels and softmax-normalised over the neighbours; each iteration replaces
-every score by the affinity-weighted sum of its neighbours' scores. The neighbours are
-gathered by index here instead of one convolution per dilation, so memory stays
+every score by the affinity-weighted sum of its neighbours' scores. The neighbours are views
+into one padded copy here instead of one convolution per dilation, so memory stays
 ``O(C H W)`` instead of ``O(8 C H W)`` per dilation; the sums are the same.
 """
 
@@ -35,19 +35,22 @@ def _offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
     return [(dy * d, dx * d) for d in dilations for dy, dx in RING]
 
 
-def _shifted(x: Tensor, dy: int, dx: int) -> Tensor:
-    """``x[..., y + dy, x + dx]`` with coordinates clamped to the border (replicate padding)."""
+def _neighbours(x: Tensor, offsets: list[tuple[int, int]]) -> list[Tensor]:
+    """Views ``x[..., y + dy, x + dx]`` for each offset, coordinates clamped to the border
+    (one replicate-padded copy)."""
+    margin = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     height, width = x.shape[-2:]
-    rows = (torch.arange(height, device=x.device) + dy).clamp(0, height - 1)
-    cols = (torch.arange(width, device=x.device) + dx).clamp(0, width - 1)
-    return x.index_select(-2, rows).index_select(-1, cols)
+    padded = F.pad(x, [margin] * 4, mode="replicate")
+    return [
+        padded[..., margin + dy : margin + dy + height, margin + dx : margin + dx + width]
+        for dy, dx in offsets
+    ]
 
 
 def affinity(image: Tensor, dilations: Sequence[int] = PAMR_DILATIONS) -> Tensor:
     """Neighbour weights ``[B, P, H, W]`` (softmax over the ``P = 8 x len(dilations)``)."""
     image = image.float()
-    ring = _offsets(dilations)
-    neighbours = [_shifted(image, dy, dx) for dy, dx in ring]
+    neighbours = _neighbours(image, _offsets(dilations))
     centres = [image] * len(dilations)  # each dilation's 3 x 3 window includes the pixel
     spread = torch.stack(centres + neighbours, dim=2).std(dim=2)  # [B, K, H, W], unbiased
     distances = torch.stack([(image - n).abs() for n in neighbours], dim=2)
@@ -71,12 +74,12 @@ def pamr(
     if scores.shape[-2:] != image.shape[-2:]:
         scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear", align_corners=True)
     weights = affinity(image, dilations)
-    ring = _offsets(dilations)
+    offsets = _offsets(dilations)
     scores = scores.float()
     for _ in range(steps):
         refined = torch.zeros_like(scores)
-        for index, (dy, dx) in enumerate(ring):
-            refined += weights[:, index : index + 1] * _shifted(scores, dy, dx)
+        for index, neighbour in enumerate(_neighbours(scores, offsets)):
+            refined.addcmul_(weights[:, index : index + 1], neighbour)
         scores = refined
     return scores
 
