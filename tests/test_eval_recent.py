@@ -129,3 +129,23 @@ def test_refine_flag_errors(tmp_path, capsys, vit_checkpoint):
     assert "--steps does not apply to --task segmentation" in capsys.readouterr().err
     assert main([*base, "--task", "faithfulness", "--steps", "0"]) == 2
     assert "--steps must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_methods_through_explain_cli(tmp_path, capsys, vit_checkpoint, name):
+    image = tmp_path / "scene.png"
+    Image.fromarray(
+        torch.randint(0, 256, (48, 64, 3), generator=torch.Generator().manual_seed(3))
+        .numpy()
+        .astype("uint8")
+    ).save(image)
+    argv = ["explain", str(image), "-t", "a cat", "a dog", "--method", name, "--checkpoint",
+            vit_checkpoint, "--out", str(tmp_path / "out"), "--json", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == name
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png")) == [
+        "01-a-cat.png",
+        "02-a-dog.png",
+        "grid.png",
+    ]

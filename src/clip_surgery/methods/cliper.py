@@ -64,7 +64,7 @@ class Cliper(Method):
     """CLIPer (Sun et al., ICCV 2025), early-layer fusion without fine-grained compensation."""
 
     name = "cliper"
-    summary = "early-layer fusion: all layers' embeddings through a fused-attention last block"
+    summary = "early-layer fusion (no diffusion compensation), fused-attention last block"
     citation = (
         "Sun et al., CLIPer: Hierarchically Improving Spatial Representation of CLIP "
         "for Open-Vocabulary Semantic Segmentation, ICCV 2025"
