@@ -88,8 +88,9 @@ def pamr(image, mask, steps=10, dilations=(8, 16)):
 
 
 def resclip(model, images, text, rcs=None, tau_rcs=2.0, l_rcs=0.3, tau_sfr=2.1, l_sfr=0.7,
-            threshold=0.25, scale=40.0, paths=True, std=5.0, sfr=True):  # fmt: skip
-    """ResCLIP on NACLIP (no residual, no FFN): projected tokens ``[B, 1+N, D]``."""
+            threshold=0.25, scale=40.0, paths=True, std=5.0, sfr=True, residual=False,
+            ffn=False):  # fmt: skip
+    """ResCLIP on NACLIP (by default no residual, no FFN): projected tokens ``[B, 1+N, D]``."""
     visual = model.visual
     x, grid = ref.embed(visual, images, "bicubic-dino")
     blocks = list(visual.transformer.resblocks)
@@ -106,6 +107,11 @@ def resclip(model, images, text, rcs=None, tau_rcs=2.0, l_rcs=0.3, tau_sfr=2.1, 
     scale_qk = qs[0].shape[-1] ** -0.5
     patch = visual.conv1.weight.shape[-1]
     outputs = []
+
+    def finish(out, b):  # the last block's residual and FFN, when kept
+        out = x[b] + out if residual else out
+        return out + ref.mlp(block, ref.layer_norm(out, block.ln_2)) if ffn else out
+
     for b in range(len(images)):
         logits = [ks[h][b] @ ks[h][b].T * scale_qk for h in range(len(ks))]
         weights = [
@@ -113,7 +119,7 @@ def resclip(model, images, text, rcs=None, tau_rcs=2.0, l_rcs=0.3, tau_sfr=2.1, 
             for h, lg in enumerate(logits)
         ]
         if sfr:
-            first_pass = out_proj(block, [w @ vs[h][b] for h, w in enumerate(weights)])
+            first_pass = finish(out_proj(block, [w @ vs[h][b] for h, w in enumerate(weights)]), b)
             feats = F.normalize(ref.project(visual, first_pass)[1:], dim=-1)
             cos = (feats @ text.T).T.reshape(len(text), *grid)[None]
             cos = F.interpolate(cos, size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -130,7 +136,7 @@ def resclip(model, images, text, rcs=None, tau_rcs=2.0, l_rcs=0.3, tau_sfr=2.1, 
                 )
                 for h, lg in enumerate(logits)
             ]
-        outputs.append(out_proj(block, [w @ vs[h][b] for h, w in enumerate(weights)]))
+        outputs.append(finish(out_proj(block, [w @ vs[h][b] for h, w in enumerate(weights)]), b))
     return ref.project(visual, torch.stack(outputs))
 
 

@@ -59,6 +59,7 @@ def test_pamr_matches_explicit_kernels(size):
             {"rcs": (2, 4), "l_rcs": 0.6, "tau_rcs": 1.5},
         ),
         ({"sfr_paths": False, "sfr_mix": 0.2}, {"paths": False, "l_sfr": 0.2}),
+        ({"residual": True, "ffn": True}, {"residual": True, "ffn": True}),
     ],
 )
 def test_resclip_matches_reference(vit, wrapped, monkeypatch, size, options, expected_options):
