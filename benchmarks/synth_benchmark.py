@@ -4,10 +4,14 @@ Exports the test scenes in the VOC layout (dataset ``synthetic``), then reports 
 zero-shot accuracy, the time of one forward, and for every method in the registry the pointing
 game (``synth.pointing_game``: for each shape present, is its map's peak on that shape's exact
 mask; all shapes and shapes of at least 200 visible pixels; share of peaks on the background),
+RISE's deletion and insertion areas (``eval.faithfulness``: CLIP's own probability of each
+present shape among the five, ``--steps`` steps, mean-colour deletion and blurred insertion),
 the paper's explainability mIoU / mSC (at the model's native input size, class set = the five
-shapes) and segmentation mIoU (preset ``sclip`` for all methods), as a Markdown table, a JSON
-file and a figure of overlays. Run: ``.venv/bin/python benchmarks/synth_benchmark.py`` (a few
-minutes).
+shapes), segmentation mIoU (preset ``sclip`` for all methods) without and with PAMR
+refinement, and the time of one ``explain`` per scene (batch 1, five texts), as a Markdown
+table, a JSON file and a figure of overlays. Run:
+``.venv/bin/python benchmarks/synth_benchmark.py`` (200 scenes; ``--count 10 --figure
+build/synth-benchmark/methods.png`` for a quick check that leaves the README's figure alone).
 """
 
 from __future__ import annotations
@@ -80,6 +84,51 @@ def forward_ms(model, repeats: int = 50) -> float:
     return float(np.median(times) * 1000)
 
 
+def explain_ms(model, name: str, repeats: int = 5) -> float:
+    """Median wall time of one ``explain`` of one native-size scene against the five shapes."""
+    scene = synth.make_scene(synth.scene_seed("test", 1))
+    image = synth._to_input(model, scene.image)[None]
+    model.explain(image, list(synth.SHAPES), method=name)  # warm-up, text embeddings cached
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.explain(image, list(synth.SHAPES), method=name)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000)
+
+
+def method_row(model, name: str, folder: str, count: int, steps: int) -> dict:
+    """Every figure of one method on the exported scenes."""
+    game = synth.pointing_game(model, name, "test", count)
+    explain = runner.evaluate_explainability(
+        model, "synthetic", folder, name, size=None, progress=False
+    )
+    faithful = runner.evaluate_faithfulness(
+        model, "synthetic", folder, name, steps=steps, progress=False
+    )
+    segment = runner.evaluate_segmentation(
+        model, "synthetic", folder, name, preset="sclip", progress=False
+    )
+    refined = runner.evaluate_segmentation(
+        model, "synthetic", folder, name, preset="sclip", progress=False, refine="pamr"
+    )
+    return {
+        "method": name,
+        "pointing": game["all"],
+        "pointing_large": game["large"],
+        "background_peak": game["background_peak"],
+        "deletion_auc": faithful["deletion_auc"],
+        "insertion_auc": faithful["insertion_auc"],
+        "expl_miou": explain["miou"],
+        "msc": explain["msc"],
+        "threshold": explain["threshold"],
+        "seg_miou": segment["miou"],
+        "seg_miou_pamr": refined["miou"],
+        "explain_ms": explain_ms(model, name),
+        "game": game,
+    }
+
+
 def main() -> None:
     """Run the benchmark; print the table; write JSON and the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,6 +136,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200, help="test scenes")
     parser.add_argument("--out", type=Path, default=Path("build/synth-benchmark"))
     parser.add_argument("--figure", type=Path, default=Path("docs/tiny_synth_methods.png"))
+    parser.add_argument("--steps", type=int, default=20, help="deletion/insertion steps")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -97,31 +147,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         synth.export_voc(folder, "test", args.count)
         for name in applicable(model):
-            game = synth.pointing_game(model, name, "test", args.count)
-            explain = runner.evaluate_explainability(
-                model, "synthetic", folder, name, size=None, progress=False
-            )
-            segment = runner.evaluate_segmentation(
-                model, "synthetic", folder, name, preset="sclip", progress=False
-            )
-            rows.append(
-                {
-                    "method": name,
-                    "pointing": game["all"],
-                    "pointing_large": game["large"],
-                    "background_peak": game["background_peak"],
-                    "expl_miou": explain["miou"],
-                    "msc": explain["msc"],
-                    "threshold": explain["threshold"],
-                    "seg_miou": segment["miou"],
-                }
-            )
+            rows.append(method_row(model, name, folder, args.count, args.steps))
+    game = rows[-1]["game"]  # pair counts and chance rates: the same for every method
+    rows = [{key: value for key, value in row.items() if key != "game"} for row in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     figure(model, args.figure)
     report = {
         "model": args.model,
         "weights": model.weights_hash,
         "test_scenes": args.count,
+        "faithfulness_steps": args.steps,
+        "faithfulness_baselines": {"deletion": "mean", "insertion": "blur"},
         "zero_shot_accuracy_1000": accuracy,
         "forward_ms": forward,
         "forward_threads": torch.get_num_threads(),
@@ -140,20 +176,25 @@ def main() -> None:
     )
     print(
         f"{args.count} test scenes; pointing game over {game['pairs']} (scene, shape) pairs, "
-        f"{game['large_pairs']} of >= 200 px; explainability at {model.native_size} px "
-        "(class set of the 5 shapes); segmentation with preset sclip"
+        f"{game['large_pairs']} of >= 200 px; deletion / insertion areas over the same pairs "
+        f"({args.steps} steps, mean-colour deletion, blurred insertion); explainability at "
+        f"{model.native_size} px (class set of the 5 shapes); segmentation with preset sclip, "
+        f"without and with PAMR; explain time of one scene, {torch.get_num_threads()} threads"
     )
     print(
-        "| method | pointing | pointing >= 200 px | peak on background | "
-        "explainability mIoU | mSC | threshold | segmentation mIoU |"
+        "| method | pointing | pointing >= 200 px | peak on background | deletion AUC | "
+        "insertion AUC | explainability mIoU | mSC | threshold | segmentation mIoU | "
+        "+ PAMR | ms / image |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| random point | {game['random']:.2f} | {game['random_large']:.2f} | | | | | |")
+    print("| --- " * 12 + "|")
+    print(f"| random point | {game['random']:.2f} | {game['random_large']:.2f} |" + " |" * 9)
     for row in rows:
         print(
             f"| {row['method']} | {row['pointing']:.2f} | {row['pointing_large']:.2f} | "
-            f"{row['background_peak']:.2f} | {row['expl_miou']:.1f} | {row['msc']:.1f} | "
-            f"{row['threshold']:.2f} | {row['seg_miou']:.1f} |"
+            f"{row['background_peak']:.2f} | {row['deletion_auc']:.3f} | "
+            f"{row['insertion_auc']:.3f} | {row['expl_miou']:.1f} | {row['msc']:.1f} | "
+            f"{row['threshold']:.2f} | {row['seg_miou']:.1f} | {row['seg_miou_pamr']:.1f} | "
+            f"{row['explain_ms']:.1f} |"
         )
     print(f"({report['seconds']} s; figure: {args.figure})")
     assert np.isfinite([r["msc"] for r in rows]).all()

@@ -217,6 +217,10 @@ def test_methods_listing(capsys):
         "gem",
         "gradcam",
         "chefer",
+        "resclip",
+        "scclip",
+        "cliper",
+        "legrad",
     ):
         assert f"\n{name} " in f"\n{text}"
     assert (

@@ -131,7 +131,15 @@ def test_every_method_equals_open_clip(pair, name, size):
     theirs = reference.explain(images, TEXTS, method=name, templates=None)
     assert ours.grid == theirs.grid == (size[0] // 16, size[1] // 16)
     for field in ("similarity", "maps", "cosine"):
-        assert relative_error(getattr(ours, field), getattr(theirs, field)) <= TOLERANCE, field
+        tolerance = TOLERANCE * (map_gain(theirs.similarity) if field == "maps" else 1)
+        assert relative_error(getattr(ours, field), getattr(theirs, field)) <= tolerance, field
+
+
+def map_gain(similarity: torch.Tensor) -> float:
+    """How much min-max maps magnify the similarity's rounding: max |s| over the smallest
+    per-map range (nearly flat maps, e.g. SC-CLIP's on random weights, magnify it most)."""
+    spread = (similarity.amax(dim=1) - similarity.amin(dim=1)).min()
+    return max(1.0, float(similarity.abs().max() / spread))
 
 
 def test_plain_embeddings_equal_transformers(hf_model, pair):

@@ -185,7 +185,7 @@ def test_resnet_support_and_errors():
     for name in ("raw", "clip_surgery", "gradcam"):
         maps = wrapped.explain(images, ["a", "b"], method=name, templates=None).maps
         assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
-    for name in ("maskclip", "sclip", "clearclip", "naclip", "gem", "chefer"):
+    for name in ("maskclip", "sclip", "clearclip", "naclip", "gem", "chefer", "resclip", "legrad"):
         with pytest.raises(
             ModelError,
             match="changes transformer blocks and applies to open_clip ViT, transformers CLIP",
@@ -227,6 +227,10 @@ def test_registry_lists_every_method_with_citation():
         "gem",
         "gradcam",
         "chefer",
+        "resclip",
+        "scclip",
+        "cliper",
+        "legrad",
     }
     assert set(methods.names()) == expected
     for name in methods.names():

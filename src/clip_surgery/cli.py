@@ -75,11 +75,25 @@ def add_eval_parsers(commands) -> None:
     evaluate.add_argument("--preset", help="segmentation preset (default: the method's own)")
     evaluate.add_argument(
         "--task",
-        choices=["segmentation", "explainability", "multilabel"],
+        choices=["segmentation", "explainability", "faithfulness", "multilabel"],
         help="default: segmentation, or multilabel for multi-label datasets",
     )
-    evaluate.add_argument("--size", type=int, help="explainability/multilabel input side (native)")
-    evaluate.add_argument("--single", action="store_true", help="explainability: free-form mode")
+    evaluate.add_argument(
+        "--refine", choices=["pamr", "none"], help="segmentation: PAMR post-processing or none"
+    )
+    evaluate.add_argument(
+        "--size", type=int, help="explainability/faithfulness/multilabel input side (native)"
+    )
+    evaluate.add_argument(
+        "--single", action="store_true", help="explainability/faithfulness: free-form mode"
+    )
+    evaluate.add_argument("--steps", type=int, help="faithfulness: deletion/insertion steps (20)")
+    evaluate.add_argument(
+        "--baseline",
+        choices=["rise", "blur", "mean"],
+        help="faithfulness: removed pixels become the mean colour or a blur (rise: mean for "
+        "deletion, blur for insertion, as RISE)",
+    )
     evaluate.add_argument("--limit", type=int, help="only the first N images")
     evaluate.add_argument("--save-pred", type=Path, help="write label PNGs here")
     evaluate.add_argument("--out", type=Path, default=Path("results"), help="results directory")
@@ -266,7 +280,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit <= 0:
         raise OptionError("--limit must be positive")
-    options = get_method(args.method).options(**parse_option_pairs(args.option, None))
+    if args.steps is not None and args.steps <= 0:
+        raise OptionError("--steps must be positive")
+    values = parse_option_pairs(args.option, None)
+    options = get_method(args.method).options(**values)
     task = args.task or ("multilabel" if runner.is_multilabel(args.dataset) else "segmentation")
     if runner.is_multilabel(args.dataset) != (task == "multilabel"):
         raise OptionError(f"--task {task} does not apply to dataset {args.dataset}")
@@ -284,8 +301,15 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if task == "segmentation":
+        common["options"] = values  # over the preset's own option values
         results = runner.evaluate_segmentation(
-            model, args.dataset, args.root, preset=args.preset, save_pred=args.save_pred, **common
+            model,
+            args.dataset,
+            args.root,
+            preset=args.preset,
+            save_pred=args.save_pred,
+            refine=args.refine,
+            **common,
         )
         headline = {"aAcc": "aacc", "mIoU": "miou"}
     elif task == "explainability":
@@ -293,6 +317,19 @@ def run_eval(args: argparse.Namespace) -> int:
             model, args.dataset, args.root, size=args.size, single=args.single, **common
         )
         headline = {"mSC": "msc", "mIoU": "miou"}
+    elif task == "faithfulness":
+        results = runner.evaluate_faithfulness(
+            model,
+            args.dataset,
+            args.root,
+            size=args.size,
+            single=args.single,
+            steps=args.steps or runner.DEFAULT_STEPS,
+            baseline=args.baseline or "rise",
+            **common,
+        )
+        headline = {"Deletion AUC": "deletion_auc", "Insertion AUC": "insertion_auc"}
+        headline["Pointing"] = "pointing"
     else:
         results = runner.evaluate_multilabel(
             model, args.dataset, args.root, size=args.size, **common
@@ -308,14 +345,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _refuse_flags(args: argparse.Namespace, task: str) -> None:
     """OptionError for a flag the task does not use, rather than ignoring it."""
+    faithfulness = {"--steps": args.steps, "--baseline": args.baseline}
+    segmentation = {"--preset": args.preset, "--save-pred": args.save_pred, "--refine": args.refine}
     unused = {
-        "segmentation": {"--size": args.size, "--single": args.single},
-        "explainability": {"--preset": args.preset, "--save-pred": args.save_pred},
-        "multilabel": {
-            "--preset": args.preset,
-            "--save-pred": args.save_pred,
-            "--single": args.single,
-        },
+        "segmentation": {"--size": args.size, "--single": args.single, **faithfulness},
+        "explainability": {**segmentation, **faithfulness},
+        "faithfulness": segmentation,
+        "multilabel": {**segmentation, "--single": args.single, **faithfulness},
     }[task]
     given = [flag for flag, value in unused.items() if value]
     if given:

@@ -1,4 +1,5 @@
-"""Evaluation runs: segmentation mIoU, explainability mIoU/mSC, multi-label mAP, and scoring.
+"""Evaluation runs: segmentation mIoU, explainability mIoU/mSC, faithfulness (deletion and
+insertion areas, pointing game), multi-label mAP, and scoring.
 
 Every result carries the method, model, weights hash, preset and all settings, the number of
 images and the wall time, and is written as JSON and as a Markdown table row. An interrupted
@@ -12,11 +13,12 @@ alone writes the results, each process its own state file and its own prediction
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -26,10 +28,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import distributed, methods
-from ..errors import DatasetError
+from ..errors import DatasetError, OptionError
 from ..images import open_image
 from ..outputs import atomic_path, write_text
-from ..tasks.segment import ClassQueries, segment
+from ..tasks.segment import ClassQueries, Preset, method_options, segment
 from ..text import DEFAULT_TEMPLATES
 from .datasets import (
     IGNORE,
@@ -38,7 +40,13 @@ from .datasets import (
     read_index_png,
     segmentation_dataset,
 )
-from .metrics import ConfusionMatrix, ExplainabilityMeter, mean_average_precision
+from .faithfulness import DEFAULT_STEPS, baselines, deletion_insertion
+from .metrics import (
+    ConfusionMatrix,
+    ExplainabilityMeter,
+    mean_average_precision,
+    pointing_hits,
+)
 from .presets import PRESETS, preset_for
 
 
@@ -110,12 +118,16 @@ def evaluate_segmentation(
     save_pred: Path | None = None,
     out: Path | None = None,
     progress: bool = True,
+    refine: str | None = None,
 ) -> dict:
-    """Dataset-level mIoU of ``method`` on a segmentation dataset (resumable with ``out``)."""
+    """Dataset-level mIoU of ``method`` on a segmentation dataset (resumable with ``out``).
+
+    ``options``: typed options, or a dict of values over the preset's own (None: the
+    preset's); ``refine``: ``"pamr"`` or ``"none"`` instead of the preset's refinement.
+    """
     spec = segmentation_dataset(dataset)
-    chosen = methods.get(method)
-    options = options if options is not None else chosen.options()
-    settings = preset_for(preset or default_preset(method), dataset)
+    settings = with_refine(preset_for(preset or default_preset(method), dataset), refine)
+    options = method_options(method, settings, options)
     samples = spec.samples(root)[:limit] if limit else spec.samples(root)
     record = {
         **_header(model, dataset, method, options, root, limit),
@@ -154,11 +166,19 @@ def evaluate_segmentation(
         "seconds": _wall_seconds(time.perf_counter() - started + (state.seconds if state else 0)),
         "classes": [names[0] for names in spec.classes],
     }
-    _write_main(results, out, _stem(dataset, method, settings.name, limit))
+    kind = settings.name + (f"+{settings.refine}" if settings.refine else "")
+    _write_main(results, out, _stem(dataset, method, kind, limit))
     if state:
         distributed.barrier()  # results written: only now may the states go
         state.finish()
     return results
+
+
+def with_refine(settings: Preset, refine: str | None) -> Preset:
+    """The preset with ``refine`` (``"none"``: no refinement; None: the preset's own)."""
+    if refine is None:
+        return settings
+    return dataclasses.replace(settings, refine=None if refine == "none" else refine)
 
 
 def evaluate_explainability(
@@ -216,6 +236,109 @@ def evaluate_explainability(
     }
     _write_main(results, out, _stem(dataset, method, "explainability", limit))
     return results
+
+
+def evaluate_faithfulness(
+    model,
+    dataset: str,
+    root,
+    method: str = "clip_surgery",
+    options=None,
+    size: int | None = None,
+    single: bool = False,
+    limit: int | None = None,
+    out: Path | None = None,
+    progress: bool = True,
+    steps: int = DEFAULT_STEPS,
+    baseline: str = "rise",
+) -> dict:
+    """Faithfulness of the maps of each (image, present class): RISE's deletion and insertion
+    areas of CLIP's own probability of the class among the dataset's classes (no masks
+    needed; ``eval.faithfulness``) and the pointing game on the label masks."""
+    spec = segmentation_dataset(dataset)
+    options = options if options is not None else methods.get(method).options()
+    deletion, insertion = baselines(baseline)
+    if steps < 1:
+        raise OptionError(f"steps must be >= 1, got {steps}")
+    samples = spec.samples(root)[:limit] if limit else spec.samples(root)
+    first = 1 if spec.background else 0  # the background class is not explained
+    texts = [names[0] for names in spec.classes[first:]]
+    run = _Faithfulness(model, texts, first, method, options, size, single, steps, baseline)
+    scored = []  # (image index, [(deletion, insertion, hit), ...])
+    started = time.perf_counter()
+    for index, sample in _progress(distributed.shard(list(enumerate(samples))), progress, dataset):
+        label = torch.from_numpy(spec.read_label(sample.label).astype(np.int64))
+        present = [c for c in torch.unique(label).tolist() if c != IGNORE and c >= first]
+        if present:
+            scored.append((index, run.pairs(open_image(sample.image), label, present)))
+    pairs = list(chain.from_iterable(_in_order(distributed.all_gather_objects(scored))))
+    if not pairs:
+        raise DatasetError("nothing could be scored: no image has a labelled class")
+    values = np.array(pairs, dtype=np.float64)
+    seconds = _wall_seconds(time.perf_counter() - started)
+    results = {
+        **_header(model, dataset, method, options, root, limit),
+        "task": "faithfulness",
+        "size": size or model.native_size,
+        "single": single,
+        "steps": steps,
+        "baseline": {"deletion": deletion, "insertion": insertion},
+        "deletion_auc": float(values[:, 0].mean()),
+        "insertion_auc": float(values[:, 1].mean()),
+        "pointing": float(values[:, 2].mean()),
+        "pairs": len(pairs),
+        "images": len(samples),
+        **_processes(),
+        "seconds": seconds,
+        "seconds_per_image": round(seconds / max(len(samples), 1), 4),
+    }
+    _write_main(results, out, _stem(dataset, method, "faithfulness", limit))
+    return results
+
+
+@dataclass
+class _Faithfulness:
+    """What every image of a faithfulness run shares."""
+
+    model: object
+    texts: list[str]
+    first: int  # the class index of the first text (1 when the background is not explained)
+    method: str
+    options: object
+    size: int | None
+    single: bool
+    steps: int
+    baseline: str
+
+    def __post_init__(self) -> None:
+        self.query = self.model.query(self.texts)
+
+    def pairs(self, image, label: torch.Tensor, present: list[int]) -> list[tuple]:
+        """(deletion area, insertion area, pointing hit) of each present class."""
+        columns = [c - self.first for c in present]
+        batch = self.model.as_batch(image, self.size)
+        result = self.model.explain(
+            batch, self.texts, method=self.method, single=self.single, **asdict(self.options)
+        )
+        inputs = result.maps_at(tuple(batch.shape[-2:]), image=0, texts=columns)
+        at_label = result.maps_at(tuple(label.shape), image=0, texts=columns)
+        masks = torch.stack([label == c for c in present])
+        hits = pointing_hits(at_label, masks, label != IGNORE).tolist()
+        found = []
+        for column, heatmap, hit in zip(columns, inputs, hits, strict=True):
+            score, pixels = self.probability(column), heatmap.to(batch.device)
+            areas = deletion_insertion(score, batch[0], pixels, self.steps, self.baseline)
+            found.append((*areas, float(hit)))
+        return found
+
+    def probability(self, column: int):
+        """CLIP's own probability of text ``column`` among the texts, per image."""
+
+        def score(images: torch.Tensor) -> torch.Tensor:
+            cosine = self.model.score(images, self.query, "raw").cosine
+            return (self.model.logit_scale * cosine).softmax(dim=-1)[:, column]
+
+        return score
 
 
 def evaluate_multilabel(
@@ -331,7 +454,8 @@ def write_results(results: dict, out: Path, stem: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = out / f"{stem}.json", out / f"{stem}.md"
     _atomic_write(json_path, json.dumps(results, indent=2))
-    headline = {k: results[k] for k in ("miou", "msc", "threshold", "map", "aacc") if k in results}
+    keys = ("miou", "msc", "threshold", "map", "aacc", "deletion_auc", "insertion_auc", "pointing")
+    headline = {k: results[k] for k in keys if k in results}
     row = {
         "method": results.get("method"),
         "dataset": results.get("dataset"),
@@ -342,7 +466,7 @@ def write_results(results: dict, out: Path, stem: str) -> tuple[Path, Path]:
         "settings": json.dumps(
             {
                 k: results[k]
-                for k in ("preset", "options", "size", "single", "limit")
+                for k in ("preset", "options", "size", "single", "steps", "baseline", "limit")
                 if k in results
             }
         ),

@@ -21,11 +21,15 @@ from .base import (
 from .chefer import Chefer
 from .clearclip import ClearClip
 from .clip_surgery import ClipSurgery
+from .cliper import Cliper
 from .gem import Gem
 from .gradcam import GradCam
+from .legrad import Legrad
 from .maskclip import MaskClip
 from .naclip import Naclip
 from .raw import Raw
+from .resclip import Resclip
+from .scclip import Scclip
 from .sclip import Sclip
 
 METHODS: dict[str, Method] = {}
@@ -38,7 +42,7 @@ def register(method: Method) -> Method:
 
 
 for _method in (Raw(), ClipSurgery(), MaskClip(), Sclip(), ClearClip(), Naclip(), Gem(),
-                GradCam(), Chefer()):  # fmt: skip
+                GradCam(), Chefer(), Resclip(), Scclip(), Cliper(), Legrad()):  # fmt: skip
     register(_method)
 
 

@@ -1,13 +1,15 @@
 """Training-free open-vocabulary segmentation with any method (sliding windows, batched).
 
 The window arithmetic, overlap averaging, logit scale, synonym max, area and background
-thresholds follow SCLIP's segmentor (github.com/wangf3014/SCLIP, ``clip_segmentor.py``).
+thresholds follow SCLIP's segmentor (github.com/wangf3014/SCLIP, ``clip_segmentor.py``); the
+optional PAMR refinement of the logits at the label size, guided by the resized image, follows
+NACLIP's (github.com/sinahmr/NACLIP, ``naclip.py``; ``clip_surgery.refine``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import methods
+from ..refine import check_refine, pamr
 
 WINDOW_BATCH = 8
 
@@ -29,6 +32,9 @@ class Preset:
     Per pixel: softmax(``logit_scale`` x cosine) over all names, max over a class's names;
     classes covering less than ``area_threshold`` of the foreground and pixels whose top
     probability is below ``prob_threshold`` become class 0 (datasets with a background class).
+    ``refine``: ``"pamr"`` refines the per-name logits at the label size before the softmax
+    (``None``: no refinement). ``options``: method option values of the method the preset is
+    named after (the user's own values take precedence).
     """
 
     name: str
@@ -41,6 +47,11 @@ class Preset:
     prob_threshold: float = 0.0
     area_threshold: float | None = None
     templates: int = 80  # the first 80 default templates: OpenAI's ImageNet ensemble
+    refine: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_refine(self.refine)
 
     def settings(self) -> dict:
         """Every value, for the results file."""
@@ -130,10 +141,20 @@ def _normalise(model, image: torch.Tensor) -> torch.Tensor:
 
 
 def class_probabilities(
-    logits: torch.Tensor, queries: ClassQueries, preset: Preset, size: tuple[int, int]
+    logits: torch.Tensor,
+    queries: ClassQueries,
+    preset: Preset,
+    size: tuple[int, int],
+    guide: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-class probabilities ``[C, H, W]`` at the label size: upsample, softmax, synonym max."""
+    """Per-class probabilities ``[C, H, W]`` at the label size: upsample, refine (with the
+    normalised image ``guide`` ``[3, h, w]``), softmax, synonym max."""
     logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    if preset.refine == "pamr":
+        if guide is None:
+            raise ValueError("PAMR refinement needs the image")
+        guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)
+        logits = pamr(guide, logits[None])[0]
     probabilities = (logits * preset.logit_scale).softmax(dim=0)
     if len(queries.class_of) == queries.num_classes:
         return probabilities
@@ -157,6 +178,16 @@ def predict(probabilities: torch.Tensor, preset: Preset) -> np.ndarray:
     return labels.numpy().astype(np.uint8)
 
 
+def method_options(method: str, preset: Preset, options=None):
+    """Typed options: ``options`` when typed already; else the values of the preset named after
+    ``method`` overridden by the dict ``options`` (strings allowed, as from the command line)."""
+    chosen = methods.get(method)
+    if options is not None and not isinstance(options, dict):
+        return options
+    defaults = preset.options if preset.name == chosen.name else {}
+    return chosen.options(**{**defaults, **(options or {})})
+
+
 def segment(
     model,
     image: Image.Image,
@@ -165,10 +196,15 @@ def segment(
     options=None,
     preset: Preset | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Label map ``[H, W]`` (image size) and class probabilities ``[C, H, W]`` for one image."""
+    """Label map ``[H, W]`` (image size) and class probabilities ``[C, H, W]`` for one image.
+
+    ``options``: the method's typed options, or a dict of values over the preset's own.
+    """
     preset = preset or Preset("sclip")
-    options = options if options is not None else methods.get(method).options()
+    options = method_options(method, preset, options)
     resized = resize_for(image, preset)
     logits = dense_logits(model, resized, queries, method, options, preset)
-    probabilities = class_probabilities(logits, queries, preset, (image.height, image.width))
+    guide = _normalise(model, resized) if preset.refine else None
+    size = (image.height, image.width)
+    probabilities = class_probabilities(logits, queries, preset, size, guide)
     return predict(probabilities, preset), probabilities
