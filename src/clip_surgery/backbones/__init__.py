@@ -22,6 +22,7 @@ class Family:
     attentive_head: bool  # dense tokens go through the head's attention (ResNet's attention pool)
     cls_token: bool  # the image embedding is a CLS token's, which attends in every block
     loads: str  # what ``clip_surgery.load`` takes for it
+    rotary: bool = False  # q and k rotated by position (EVA): methods reading q/k themselves differ
 
 
 FAMILIES = (
@@ -62,6 +63,7 @@ FAMILIES = (
         True,
         "timm Eva (or ViT) towers with CLS pooling: EVA02-B-16, EVA02-L-14, ... + tags, files, "
         "open_clip folders; needs timm",
+        rotary=True,
     ),
     Family(
         "transformers SigLIP",
@@ -89,6 +91,7 @@ def capabilities(backbone: Backbone) -> Family:
         vision.head.attentive,
         vision.head.pools_first_token,
         known.get(backbone.family, ""),
+        bool(getattr(vision, "rotary", False)),
     )
 
 

@@ -218,6 +218,7 @@ class TimmTower:
         self.native_size = tuple(int(side) for side in native)
         self.min_size = max(int(side) for side in patch.patch_size)
         self.blocks = self._blocks(trunk)
+        self.rotary = isinstance(trunk, Eva) and trunk.rope is not None
         self.head = self._head(trunk)
         self.family = MAP_FAMILY if isinstance(self.head, TimmMapHead) else CLS_FAMILY
 

@@ -94,8 +94,15 @@ class Method:
         """This method's options; strings (from the CLI) are converted to the field types."""
         return parse_options(self.Options, values, self.name)
 
+    needs_cls_token: ClassVar[bool] = False  # reads a CLS token's own row or value
+    needs_plain_positions: ClassVar[bool] = False  # computes q/k itself: no rotary towers
+
     def supports(self, family: Family) -> bool:
         """True when this method applies to models of ``family``."""
+        if self.needs_cls_token and not family.cls_token:
+            return False
+        if self.needs_plain_positions and family.rotary:
+            return False
         return family.has_blocks or not self.needs_blocks
 
     def families(self) -> list[str]:

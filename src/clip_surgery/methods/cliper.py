@@ -121,7 +121,7 @@ def fused_maps(tower, recorded: Recorded, text: Tensor, options: CliperOptions, 
     for embeddings in recorded.layers:
         summed = sinkhorn_step(summed)
         weights = fused_attention(summed)
-        q, k, v = block.qkv(block.norm1(embeddings))
+        q, k, v = block.qkv(block.norm1(embeddings), grid)
         tokens = block.out(weights.to(v.dtype) @ v)
         dense = tower.head.dense(tokens, grid, options.positions, None).float()
         logits = options.logit_scale * F.normalize(dense, dim=-1) @ classes.T

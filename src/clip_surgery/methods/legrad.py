@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import engine
-from ..errors import ModelError
 from ..typedefs import PositionMode
 from .base import GradientMethod, Scores, TextQuery
 from .common import check_range, probabilities
@@ -44,6 +43,8 @@ class Legrad(GradientMethod):
     """LeGrad (Bousselham et al., ICCV 2025) on CLIP ViTs."""
 
     name = "legrad"
+    needs_cls_token = True
+    requirement = "differentiates the CLS token's score through every layer (CLS pooling)"
     summary = "gradients of each layer's mean-token score w.r.t. its attention, over layers"
     citation = (
         "Bousselham et al., LeGrad: An Explainability Method for Vision Transformers "
@@ -55,8 +56,6 @@ class Legrad(GradientMethod):
         """One backward pass per layer and text; the user's flags are not touched."""
         self.check(backbone)
         tower = backbone.vision
-        if not tower.head.pools_first_token:
-            raise ModelError(f"method {self.name!r} needs a CLS-token pooling head")
         count = len(tower.blocks)
         start = options.start_layer + count if options.start_layer < 0 else options.start_layer
         check_range(self.name, "start_layer", start, 0, count - 1)

@@ -82,6 +82,8 @@ class Resclip(ForwardMethod):
     """ResCLIP (Yang et al., CVPR 2025) on NACLIP's last block."""
 
     name = "resclip"
+    needs_plain_positions = True
+    requirement = "reads mid blocks' q and k itself (no rotary position embeddings)"
     summary = "last block: k-k + Gaussian window, + mid-layer q-k attention + text feedback"
     citation = (
         "Yang et al., ResCLIP: Residual Attention for Training-free Dense "
@@ -116,7 +118,7 @@ class Resclip(ForwardMethod):
 
         def tap(point: str, block: int, tensor: Tensor) -> Tensor:
             if point == "normed" and options.rcs and first <= block <= last:
-                q, k, _ = tower.blocks[block].qkv(tensor)
+                q, k, _ = tower.blocks[block].qkv(tensor, None)  # no rotary: grid unread
                 state["rcs"] = state.get("rcs", 0) + probabilities(q, k) / (last - first + 1)
             if (point, block) in (("embed", -1), ("block", count - 2)):
                 state["input"] = tensor  # the last block's input (for residual=True)

@@ -79,6 +79,12 @@ class Scclip(ForwardMethod):
     """SC-CLIP (Bai et al., arXiv 2411.15869)."""
 
     name = "scclip"
+    needs_cls_token = True
+    needs_plain_positions = True
+    requirement = (
+        "keeps the CLS token beside attention it computes itself (CLS pooling, no rotary "
+        "position embeddings)"
+    )
     summary = "anomaly tokens repaired; last block calibrated by mid-layer similarities; fusion"
     citation = (
         "Bai et al., Self-Calibrated CLIP for Training-Free Open-Vocabulary Segmentation, "
@@ -163,7 +169,7 @@ def aggregate(tokens: Tensor, similarity: Tensor, beta: float) -> Tensor:
 
 def calibrated_attention(block, tokens: Tensor, prior: Tensor) -> Tensor:
     """``out((softmax(M) + softmax(k k^T / sqrt(d))) / 2 v)`` over the patch tokens."""
-    q, k, v = block.qkv(block.norm1(tokens))
+    q, k, v = block.qkv(block.norm1(tokens), None)  # patch tokens, no rotary: grid unread
     centred = (prior - prior.mean(dim=(1, 2), keepdim=True)) * 3.0
     centred = centred.masked_fill(centred < 0, float("-inf"))[:, None]
     keys = torch.softmax(k @ k.transpose(-1, -2) * k.shape[-1] ** -0.5, dim=-1)
