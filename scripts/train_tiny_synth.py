@@ -412,7 +412,7 @@ def main() -> None:
         metrics |= evaluate(model, tokenizer, args.eval_count, args.pointing_count)
         metrics["eval_count"] = args.eval_count
     (args.out / f"{args.config}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_loss_curve(losses, args.out / f"{args.config}-loss.png", "tiny-synth training")
+    save_loss_curve(losses, args.out / f"{args.config}-loss.png", f"{args.config} training")
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
 
 
