@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import perturb, random_images
+from PIL import Image
 
 import clip_surgery
+from clip_surgery import synth
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+METHODS = ["clip_surgery", "raw", "sclip", "gradcam"]
 
 
 @pytest.fixture(scope="module")
-def model():
+def vit_b16():
     import open_clip
 
     torch.manual_seed(0)
@@ -22,27 +25,56 @@ def model():
     return wrapped
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    model = clip_surgery.load("tiny-synth", device="cuda")
+    model.cache_dir = None
+    return model
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
+def _explain(model, images, texts, method, precision):
+    model.precision = precision
+    try:
+        return model.explain(images, texts, method=method)
+    finally:
+        model.precision = "fp16"
+
+
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-@pytest.mark.parametrize("method", ["clip_surgery", "raw", "sclip", "gradcam"])
-def test_autocast_matches_fp32(model, precision, method):
-    images = random_images(2, 448, 448, seed=1).cuda()
-    texts = ["a cat", "a dog", "a tree", "a car"]
-    model.precision = "fp32"
-    reference = model.explain(images, texts, method=method)
-    model.precision = precision
-    result = model.explain(images, texts, method=method)
-    model.precision = "fp16"
+@pytest.mark.parametrize("method", METHODS)
+def test_autocast_matches_fp32_on_a_trained_model(tiny, precision, method):
+    """tiny-synth (trained) on test scenes: the issue's criterion on every pixel."""
+    scenes = [synth.make_scene(synth.scene_seed("test", i)) for i in range(8)]
+    images = torch.stack([tiny.preprocess(Image.fromarray(s.image)) for s in scenes]).cuda()
+    texts = list(synth.SHAPES)
+    reference = _explain(tiny, images, texts, method, "fp32")
+    result = _explain(tiny, images, texts, method, precision)
     assert torch.isfinite(result.maps).all()
     assert _pearson(result.maps, reference.maps) >= 0.99
     same = (result.maps.argmax(dim=1) == reference.maps.argmax(dim=1)).float().mean()
-    assert same >= 0.99
+    assert same >= 0.99, float(same)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_autocast_matches_fp32_on_vit_b16(vit_b16, precision, method):
+    """Random ViT-B/16 at 448 px: the maps correlate. (Its random text embeddings are nearly
+    alike, so its texts' maps differ by less than rounding and their argmax is no test; the
+    trained model above carries that criterion.)"""
+    images = random_images(2, 448, 448, seed=1).cuda()
+    texts = ["a cat", "a dog", "a tree", "a car"]
+    reference = _explain(vit_b16, images, texts, method, "fp32")
+    result = _explain(vit_b16, images, texts, method, precision)
+    assert torch.isfinite(result.maps).all()
+    assert _pearson(result.maps, reference.maps) >= 0.99
 
 
 def test_precision_names_are_checked(vit_model):
