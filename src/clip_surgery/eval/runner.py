@@ -128,7 +128,7 @@ def evaluate_segmentation(
     spec = segmentation_dataset(dataset)
     settings = with_refine(preset_for(preset or default_preset(method), dataset), refine)
     options = method_options(method, settings, options)
-    samples = spec.samples(root)[:limit] if limit else spec.samples(root)
+    samples = _limited(spec, root, limit)
     record = {
         **_header(model, dataset, method, options, root, limit),
         "preset": settings.settings(),
@@ -181,6 +181,24 @@ def with_refine(settings: Preset, refine: str | None) -> Preset:
     return dataclasses.replace(settings, refine=None if refine == "none" else refine)
 
 
+def _limited(spec, root, limit: int | None) -> list:
+    """The dataset's samples, the first ``limit`` of them when a limit is given."""
+    samples = spec.samples(root)
+    return samples[:limit] if limit else samples
+
+
+def _explained_classes(spec) -> tuple[int, list[str]]:
+    """The first explained class id (the background class is not explained) and the texts."""
+    first = 1 if spec.background else 0
+    return first, [names[0] for names in spec.classes[first:]]
+
+
+def _label_and_present(spec, sample, first: int) -> tuple[torch.Tensor, list[int]]:
+    """A sample's label map and the explained classes present in it."""
+    label = torch.from_numpy(spec.read_label(sample.label).astype(np.int64))
+    return label, [c for c in torch.unique(label).tolist() if c != IGNORE and c >= first]
+
+
 def evaluate_explainability(
     model,
     dataset: str,
@@ -196,14 +214,12 @@ def evaluate_explainability(
     """The paper's explainability protocol: mIoU (grid-searched threshold) and mSC."""
     spec = segmentation_dataset(dataset)
     options = options if options is not None else methods.get(method).options()
-    samples = spec.samples(root)[:limit] if limit else spec.samples(root)
-    first = 1 if spec.background else 0  # the background class is not explained
-    texts = [names[0] for names in spec.classes[first:]]
+    samples = _limited(spec, root, limit)
+    first, texts = _explained_classes(spec)
     scored = []  # (image index, its pairs' scores) for this process's images
     started = time.perf_counter()
     for index, sample in _progress(distributed.shard(list(enumerate(samples))), progress, dataset):
-        label = torch.from_numpy(spec.read_label(sample.label).astype(np.int64))
-        present = [c for c in torch.unique(label).tolist() if c != IGNORE and c >= first]
+        label, present = _label_and_present(spec, sample, first)
         if not present:
             continue
         result = model.explain(
@@ -260,15 +276,13 @@ def evaluate_faithfulness(
     deletion, insertion = baselines(baseline)
     if steps < 1:
         raise OptionError(f"steps must be >= 1, got {steps}")
-    samples = spec.samples(root)[:limit] if limit else spec.samples(root)
-    first = 1 if spec.background else 0  # the background class is not explained
-    texts = [names[0] for names in spec.classes[first:]]
+    samples = _limited(spec, root, limit)
+    first, texts = _explained_classes(spec)
     run = _Faithfulness(model, texts, first, method, options, size, single, steps, baseline)
     scored = []  # (image index, [(deletion, insertion, hit), ...])
     started = time.perf_counter()
     for index, sample in _progress(distributed.shard(list(enumerate(samples))), progress, dataset):
-        label = torch.from_numpy(spec.read_label(sample.label).astype(np.int64))
-        present = [c for c in torch.unique(label).tolist() if c != IGNORE and c >= first]
+        label, present = _label_and_present(spec, sample, first)
         if present:
             scored.append((index, run.pairs(open_image(sample.image), label, present)))
     pairs = list(chain.from_iterable(_in_order(distributed.all_gather_objects(scored))))
