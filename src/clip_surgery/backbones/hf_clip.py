@@ -49,6 +49,13 @@ class HfClipBlock:
         return x + self.layer.mlp(self.layer.layer_norm2(x))
 
 
+def vision_geometry(model: nn.Module) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """A transformers vision config's patch size, native (height, width) and token grid."""
+    config = model.config.vision_config
+    patch, side = int(config.patch_size), int(config.image_size)
+    return patch, (side, side), (side // patch, side // patch)
+
+
 class HfClipVision:
     """``CLIPVisionTransformer`` plus ``visual_projection``."""
 
@@ -57,11 +64,7 @@ class HfClipVision:
     def __init__(self, model: nn.Module):
         self.model = model
         vision = model.vision_model
-        config = model.config.vision_config
-        self.patch_size = int(config.patch_size)
-        side = int(config.image_size)
-        self.native_size = (side, side)
-        self.native_grid = (side // self.patch_size, side // self.patch_size)
+        self.patch_size, self.native_size, self.native_grid = vision_geometry(model)
         self.min_size = self.patch_size
         self.blocks = [HfClipBlock(layer) for layer in vision.encoder.layers]
         self.head = ClsHead(vision.post_layernorm, self._project)

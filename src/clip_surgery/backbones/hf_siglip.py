@@ -15,7 +15,7 @@ from ..errors import ModelError
 from ..typedefs import Grid, PositionMode
 from .base import Backbone
 from .common import LatentPoolHead, interpolate_positions, merge_heads, split_heads
-from .hf_clip import HfClipBlock, HfText
+from .hf_clip import HfClipBlock, HfText, vision_geometry
 
 FAMILY = "transformers SigLIP"
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SigLIP's preprocessing: pixels to [-1, 1]
@@ -78,11 +78,7 @@ class HfSiglipVision:
         if not getattr(vision, "use_head", True) or not hasattr(vision, "head"):
             raise ModelError("this SiglipModel has no pooling head (vision_use_head=False)")
         self.vision = vision
-        config = model.config.vision_config
-        self.patch_size = int(config.patch_size)
-        side = int(config.image_size)
-        self.native_size = (side, side)
-        self.native_grid = (side // self.patch_size, side // self.patch_size)
+        self.patch_size, self.native_size, self.native_grid = vision_geometry(model)
         self.min_size = self.patch_size
         self.blocks = [HfClipBlock(layer) for layer in vision.encoder.layers]
         self.head = HfMapHead(vision)
