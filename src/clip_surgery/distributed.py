@@ -171,5 +171,6 @@ def session(command: str, device: str | None) -> Iterator[str | None]:
     device = init(device or "cpu")
     try:
         yield device
+        barrier()  # every rank done before any leaves: gloo can abort a rank torn down early
     finally:
         teardown()
