@@ -7,9 +7,11 @@ A CLIP: image-text contrastive training only, on procedurally generated captione
   (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); a finer token grid for the
   end of training: resuming 8 px-patch weights into a ``--patch-size 4`` model converts them
   exactly (``refine_grid``: 16 x 16 tokens instead of 8 x 8);
+- the positional table starts at MAE's 2-D sine-cosine embedding (``--positions``);
 - hard-negative batches: each batch holds groups of ``--group`` renderings of one scene that
-  differ only in their shape categories (``synth.make_scene(seed, variant)``), so colour,
-  texture and layout alone cannot solve the batch;
+  differ only in their shape categories (``synth.make_scene(seed, variant)``; with 5 the large
+  shape appears as each of the five), so colour, texture and layout alone cannot solve the
+  batch;
 - a contrastive loss that tolerates identical captions in a batch: softmax (CLIP) cross-entropy
   against targets spread uniformly over every pair with the same caption, or (``--loss
   sigmoid``) SigLIP's pairwise sigmoid loss (Zhai et al., "Sigmoid Loss for Language Image
@@ -70,10 +72,23 @@ def model_config(args) -> dict:
     return config
 
 
-def build_model(config: dict, seed: int) -> torch.nn.Module:
-    """A randomly initialised open_clip CLIP of ``config``."""
+def build_model(config: dict, seed: int, positions: str = "random") -> torch.nn.Module:
+    """A randomly initialised open_clip CLIP of ``config``.
+
+    ``positions="sincos"`` starts the (still learnable) positional table of a square ViT grid at
+    the fixed 2-D sine-cosine embedding of MAE (He et al., CVPR 2022), which gives patches their
+    neighbourhood from the first step; "random" keeps open_clip's random table.
+    """
     torch.manual_seed(seed)
-    return open_clip.model.CLIP(**config)
+    model = open_clip.model.CLIP(**config)
+    table = getattr(model.visual, "positional_embedding", None)
+    if positions == "sincos" and table is not None:
+        from open_clip.pos_embed import get_2d_sincos_pos_embed
+
+        grid = math.isqrt(table.shape[0] - 1)
+        sincos = get_2d_sincos_pos_embed(table.shape[1], grid, cls_token=True)
+        table.data.copy_(torch.from_numpy(sincos).float())
+    return model
 
 
 def to_tensor(images: torch.Tensor) -> torch.Tensor:
@@ -267,6 +282,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--patch-size", type=int, default=None)
     parser.add_argument("--head-width", type=int, default=None)
+    parser.add_argument(
+        "--positions",
+        choices=("sincos", "random"),
+        default="sincos",
+        help="initial positional table of the ViT (learnable either way)",
+    )
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint.pt or .safetensors")
     parser.add_argument(
         "--new-schedule",
@@ -287,7 +308,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     config = model_config(args)
     (args.out / f"{args.config}.json").write_text(json.dumps(config, indent=4) + "\n")
-    model = build_model(config, args.seed).to(device)
+    model = build_model(config, args.seed, args.positions).to(device)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
     bias = (
         torch.nn.Parameter(torch.tensor(-10.0, device=device)) if args.loss == "sigmoid" else None
@@ -392,6 +413,7 @@ def main() -> None:
         "finished": not stopped_early and reached >= args.steps,
         "batch_size": args.batch_size,
         "group": args.group,
+        "positions": args.positions,
         "loss": args.loss,
         "lr": args.lr,
         "warmup": args.warmup,

@@ -42,6 +42,18 @@ def test_labels_match_objects_and_captions(index):
     assert total == int((scene.labels > 0).sum())
 
 
+def test_the_largest_shape_is_never_a_near_tie():
+    """The zero-shot target is well defined: the largest visible shape has at least 1.5 times
+    the pixels of the next one, in every variant."""
+    for index in range(300):
+        for variant in (0, 1):
+            scene = synth.make_scene(synth.scene_seed("test", index), variant)
+            pixels = sorted((o.pixels for o in scene.objects), reverse=True)
+            assert len(pixels) <= synth.MAX_OBJECTS
+            assert pixels[0] >= 400 and (len(pixels) == 1 or pixels[0] >= 1.5 * pixels[1])
+            assert scene.objects[0].size == "large" and scene.main_shape == scene.objects[0].shape
+
+
 @pytest.mark.parametrize("index", range(8))
 def test_variants_change_only_the_shapes(index):
     seed = synth.scene_seed("train", index)

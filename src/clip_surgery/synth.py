@@ -1,13 +1,16 @@
 """Procedural captioned scenes with exact masks: the training data and benchmark of tiny-synth.
 
-Every scene is a pure function of its seed: 1-4 coloured, textured shapes (some overlapping) on
-a textured background ("stuff"), an exact label map (0 = background, then one class per shape
-category) and a caption in varied phrasings. Splits use disjoint seed ranges.
+Every scene is a pure function of its seed: one large and up to two small coloured, textured
+shapes (sizes set by area, so "the largest shape" is never a near tie; small ones may partly
+cover the large one) on a textured background ("stuff"), an exact label map (0 = background,
+then one class per shape category) and a caption in varied phrasings. Splits use disjoint seed
+ranges.
 
 ``make_scene(seed, variant=k)`` for ``k > 0`` renders the same scene (background, colours,
-textures, positions, sizes, angles, noise, caption wording) with other shape categories: groups
-of such variants in one training batch are hard negatives that colour, texture and layout alone
-cannot tell apart, so a contrastive model has to see shape (the idea of hard-negative batches as
+textures, positions, sizes, angles, noise, caption wording) with other shape categories (the
+large shape as each of the five for k = 0..4): groups of such variants in one training batch
+are hard negatives that colour, texture and layout alone cannot tell apart, so a contrastive
+model has to see shape (the idea of hard-negative batches as
 in Robinson et al., "Contrastive Learning with Hard Negative Samples", ICLR 2021; here the
 negatives are rendered, not mined).
 """
@@ -161,7 +164,14 @@ def _caption(objects: list[SceneObject], background: str, rng: np.random.Generat
     mentioned = ordered[: int(rng.integers(1, len(ordered) + 1))]
     parts = [_describe(o, rng) for o in mentioned]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    form = rng.integers(0, 5)
+    form = rng.integers(0, 6)
+    if form == 5:  # a prompt template's own wording, as web captions share it with prompts
+        from .text import default_templates
+
+        templates = default_templates()
+        template = templates[rng.integers(len(templates))]
+        bare = listing.split(" ", 1)[1]  # the template brings its own article
+        return template.replace("{}", bare)
     text = [
         f"{listing}",
         f"a picture of {listing}",
@@ -174,58 +184,96 @@ def _caption(objects: list[SceneObject], background: str, rng: np.random.Generat
     return text
 
 
-def _variant_shapes(drawn: list[int], seed: int, variant: int) -> list[int]:
-    """Other shape categories for the objects of scene ``seed`` (variant > 0), never ``drawn``.
 
-    Half of the variants permute the scene's own shapes among its objects when that changes
-    anything (so which shape is the larger one matters), the others draw new categories.
+def _variant_shapes(drawn: list[int], seed: int, variant: int) -> list[int]:
+    """Other shape categories for the objects of scene ``seed`` (variant > 0).
+
+    The large shape (drawn first) moves ``variant`` categories on, so variants 0-4 show it as
+    each of the five shapes; the small shapes get fresh categories.
     """
     rng = np.random.default_rng([seed, variant])
-    if len(set(drawn)) > 1 and rng.random() < 0.5:
-        while True:
-            shuffled = [drawn[i] for i in rng.permutation(len(drawn))]
-            if shuffled != drawn:
-                return shuffled
-    while True:
-        fresh = [int(v) for v in rng.integers(len(SHAPES), size=len(drawn))]
-        if fresh != drawn:
-            return fresh
+    small = [int(v) for v in rng.integers(len(SHAPES), size=len(drawn) - 1)]
+    return [(drawn[0] + variant) % len(SHAPES), *small]
+
+
+# Area of each shape per squared radius (``_shape_mask``): a shape is drawn at the radius that
+# gives it the scene's chosen area, so "large" and "small" mean the same pixel counts for every
+# category, and the largest shape of a scene is never a near tie.
+AREA_PER_RADIUS2 = {
+    "circle": np.pi,
+    "ring": np.pi * (1 - 0.55**2),
+    "square": (2 * 0.85) ** 2,
+    "cross": 2 * (2 * 0.66) - 0.66**2,
+    "triangle": 3 * np.sqrt(3) * 0.5**2,
+}
+LARGE_AREA, SMALL_AREA = (420.0, 800.0), (110.0, 220.0)
+MAX_OBJECTS = 3
+
+
+def _reach(area: float) -> float:
+    """The farthest any category of this area reaches from its centre (the triangle's)."""
+    return float(np.sqrt(area / min(AREA_PER_RADIUS2.values())))
+
+
+def _place(areas: list[float], rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Centres for shapes of ``areas`` (the first one large): inside the picture, the small ones
+    off the large one's body (their equal-area circles at most touch), so occlusion stays
+    partial. A shape that finds no place in 40 tries is left out."""
+    centres: list[tuple[float, float]] = []
+    for area in areas:
+        margin = 0.75 * _reach(area)
+        for _ in range(40):
+            cy, cx = rng.uniform(margin, SIZE - margin, 2)
+            apart = all(
+                np.hypot(cy - y, cx - x) >= np.sqrt(area / np.pi) + np.sqrt(other / np.pi)
+                for (y, x), other in zip(centres, areas, strict=False)
+            )
+            if apart:
+                centres.append((float(cy), float(cx)))
+                break
+        else:
+            centres.append((np.nan, np.nan))
+    return centres
 
 
 def make_scene(seed: int, variant: int = 0) -> Scene:
     """The scene of ``seed``: deterministic image, labels and caption.
 
-    ``variant > 0``: the same scene with other shape categories (see the module docstring);
-    variant 0 is the scene itself.
+    One large shape and up to two small ones (areas ``LARGE_AREA`` / ``SMALL_AREA`` pixels),
+    coloured and textured, on a textured background, with mild noise. ``variant > 0``: the
+    same scene with other shape categories (see the module docstring); variant 0 is the scene
+    itself.
     """
     rng = np.random.default_rng(seed)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     image = _background(background, rng)
-    labels = np.zeros((SIZE, SIZE), np.uint8)
-    objects = []
-    owner = np.full((SIZE, SIZE), -1)
+    count = int(rng.integers(1, MAX_OBJECTS + 1))
+    areas = [rng.uniform(*LARGE_AREA)] + [rng.uniform(*SMALL_AREA) for _ in range(count - 1)]
+    centres = _place(areas, rng)
     drawn = []  # the random stream never depends on a shape's category, so swapping is exact
-    for _ in range(int(rng.integers(1, 5))):
+    for index, (area, (cy, cx)) in enumerate(zip(areas, centres, strict=True)):
         shape = int(rng.integers(len(SHAPES)))
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         texture = TEXTURES[rng.integers(len(TEXTURES))]
-        large = rng.random() < 0.5
-        radius = rng.uniform(12, 17) if large else rng.uniform(6.5, 10)
-        cy, cx = rng.uniform(radius * 0.7, SIZE - radius * 0.7, 2)
         angle = rng.uniform(0, np.pi)
         fill = _texture(texture, np.array(COLOURS[colour], np.float32), rng)
-        drawn.append((shape, colour, texture, large, radius, cy, cx, angle, fill))
+        if not np.isnan(cy):
+            drawn.append((shape, colour, texture, index == 0, area, cy, cx, angle, fill))
     shapes = [d[0] for d in drawn]
     if variant:
         shapes = _variant_shapes(shapes, seed, variant)
-    for index, (shape, (_, colour, texture, large, radius, cy, cx, angle, fill)) in enumerate(
+    labels = np.zeros((SIZE, SIZE), np.uint8)
+    owner = np.full((SIZE, SIZE), -1)
+    objects = []
+    for index, (shape, (_, colour, texture, large, area, cy, cx, angle, fill)) in enumerate(
         zip(shapes, drawn, strict=True)
     ):
-        mask = _shape_mask(SHAPES[shape], cy, cx, radius, angle)
+        name = SHAPES[shape]
+        mask = _shape_mask(name, cy, cx, np.sqrt(area / AREA_PER_RADIUS2[name]), angle)
         image = np.where(mask[..., None], fill, image)
         labels[mask] = shape + 1
         owner[mask] = index
-        objects.append(SceneObject(SHAPES[shape], colour, texture, "large" if large else "small"))
+        objects.append(SceneObject(name, colour, texture, "large" if large else "small"))
     for index, obj in enumerate(objects):
         obj.pixels = int((owner == index).sum())
     objects = [o for o in objects if o.pixels > 0] or objects
