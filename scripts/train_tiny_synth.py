@@ -57,8 +57,10 @@ GROUPS_PER_SPLIT = 10_000_000  # train seeds available (synth.SPLITS)
 
 def model_config(args) -> dict:
     """The package's config ``--config`` (tiny-synth) with the command line's overrides."""
-    path = files("clip_surgery").joinpath(f"data/models/{args.config}.json")
-    config = json.loads(Path(str(path)).read_text())
+    path = Path(args.config)
+    if path.suffix != ".json":
+        path = Path(str(files("clip_surgery").joinpath(f"data/models/{args.config}.json")))
+    config = json.loads(path.read_text())
     if "timm_model_name" in config["vision_cfg"]:  # tiny-synth-siglip: a timm MAP-head tower
         from clip_surgery.loading import register_bundled_towers
 
@@ -72,7 +74,9 @@ def model_config(args) -> dict:
     return config
 
 
-def build_model(config: dict, seed: int, positions: str = "random") -> torch.nn.Module:
+def build_model(
+    config: dict, seed: int, positions: str = "random", stem: str = "patch"
+) -> torch.nn.Module:
     """A randomly initialised open_clip CLIP of ``config``.
 
     ``positions="sincos"`` starts the (still learnable) positional table of a square ViT grid at
@@ -81,13 +85,22 @@ def build_model(config: dict, seed: int, positions: str = "random") -> torch.nn.
     """
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**config)
-    table = getattr(model.visual, "positional_embedding", None)
-    if positions == "sincos" and table is not None:
+    if stem == "conv":
+        from clip_surgery.stem import ConvStem
+
+        model.visual.conv1 = ConvStem(model.visual.conv1.out_channels)
+    trunk = getattr(model.visual, "trunk", None)
+    if trunk is not None:  # a timm tower: its table may also hold CLS and register rows
+        table, prefix = trunk.pos_embed[0], 0 if trunk.no_embed_class else trunk.num_prefix_tokens
+    else:
+        table, prefix = model.visual.positional_embedding, 1
+    if positions == "sincos":
         from open_clip.pos_embed import get_2d_sincos_pos_embed
 
-        grid = math.isqrt(table.shape[0] - 1)
-        sincos = get_2d_sincos_pos_embed(table.shape[1], grid, cls_token=True)
-        table.data.copy_(torch.from_numpy(sincos).float())
+        grid = math.isqrt(table.shape[0] - prefix)
+        sincos = get_2d_sincos_pos_embed(table.shape[1], grid)
+        table.data[prefix:].copy_(torch.from_numpy(sincos).float())
+        table.data[:prefix] = 0  # as MAE's table: no position for CLS (and registers)
     return model
 
 
@@ -264,8 +277,8 @@ def main() -> None:
     parser.add_argument(
         "--config",
         default="tiny-synth",
-        choices=["tiny-synth", "tiny-synth-siglip"],
-        help="architecture from the package's data/models (tiny-synth-siglip: MAP head, no CLS)",
+        help="architecture: a config of the package's data/models (tiny-synth, tiny-synth-siglip: "
+        "MAP head, no CLS) or an open_clip config JSON file",
     )
     parser.add_argument("--steps", type=int, default=6000, help="length of the schedule")
     parser.add_argument("--batch-size", type=int, default=512)
@@ -288,6 +301,12 @@ def main() -> None:
         default="sincos",
         help="initial positional table of the ViT (learnable either way)",
     )
+    parser.add_argument(
+        "--stem",
+        choices=("patch", "conv"),
+        default="patch",
+        help="patch embedding: one patchify convolution, or early convolutions (stem.ConvStem)",
+    )
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint.pt or .safetensors")
     parser.add_argument(
         "--new-schedule",
@@ -307,8 +326,9 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     args.out.mkdir(parents=True, exist_ok=True)
     config = model_config(args)
-    (args.out / f"{args.config}.json").write_text(json.dumps(config, indent=4) + "\n")
-    model = build_model(config, args.seed, args.positions).to(device)
+    name = Path(args.config).stem  # tiny-synth, or the config file's name
+    (args.out / f"{name}.json").write_text(json.dumps(config, indent=4) + "\n")
+    model = build_model(config, args.seed, args.positions, args.stem).to(device)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
     bias = (
         torch.nn.Parameter(torch.tensor(-10.0, device=device)) if args.loss == "sigmoid" else None
@@ -357,9 +377,7 @@ def main() -> None:
             },
             args.out / "checkpoint.pt",
         )
-        save_weights(
-            model, args.out / f"{args.config}.safetensors", step, losses, extra, schedule_start
-        )
+        save_weights(model, args.out / f"{name}.safetensors", step, losses, extra, schedule_start)
 
     model.train()
     for step, (images, tokens, ids) in enumerate(data, start=start):
@@ -433,8 +451,8 @@ def main() -> None:
     if metrics["finished"]:
         metrics |= evaluate(model, tokenizer, args.eval_count, args.pointing_count)
         metrics["eval_count"] = args.eval_count
-    (args.out / f"{args.config}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_loss_curve(losses, args.out / f"{args.config}-loss.png", f"{args.config} training")
+    (args.out / f"{name}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_loss_curve(losses, args.out / f"{name}-loss.png", f"{name} training")
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
 
 

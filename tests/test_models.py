@@ -204,3 +204,31 @@ def test_pretrained_tags_choose_the_activation(monkeypatch, vit, name, tag, quic
     assert model_name == name.replace("/", "-")
     assert kwargs["pretrained"] == (tag or "openai") and kwargs["force_quick_gelu"] is quick
     assert loaded.name == f"{model_name}/{tag or 'openai'}"
+
+
+def test_a_vit_with_a_conv_stem_loads_from_its_file(tmp_path):
+    """Weights whose ``visual.conv1`` is a ``ConvStem`` (tiny-synth's) get that stem on load,
+    and the loaded model gives the saved model's image embedding."""
+    from conftest import perturb
+
+    from clip_surgery.stem import ConvStem
+
+    config = {
+        "embed_dim": EMBED_DIM,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": TEXT_CFG,
+    }
+    (tmp_path / "stem-test-vit.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "stem-test-vit.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("stem-test-vit")
+    model.visual.conv1 = ConvStem(64, (8, 16, 24))
+    model = perturb(model, 3).eval()
+    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
+    loaded = clip_surgery.load("stem-test-vit", pretrained=str(tmp_path / "weights.safetensors"))
+    assert isinstance(loaded.backbone.vision.visual.conv1, ConvStem)
+    images = random_images(2, 64, 64, seed=4)
+    with torch.no_grad():
+        expected = model.encode_image(images)
+    assert relative_error(loaded.encode(images, "raw").pooled, expected) <= 1e-5
+    assert loaded.explain(random_images(1, 60, 44), ["a", "b"], depth=2).grid == (7, 5)

@@ -184,7 +184,6 @@ def _caption(objects: list[SceneObject], background: str, rng: np.random.Generat
     return text
 
 
-
 def _variant_shapes(drawn: list[int], seed: int, variant: int) -> list[int]:
     """Other shape categories for the objects of scene ``seed`` (variant > 0).
 

@@ -83,7 +83,7 @@ class OpenClipViT:
     def embed(self, images: Tensor, positions: PositionMode) -> tuple[Tensor, Grid]:
         """Patch embedding, CLS, interpolated positions and ``ln_pre``."""
         visual = self.visual
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))
+        x = visual.conv1(images.to(next(visual.conv1.parameters()).dtype))  # a conv or a stem
         batch, _, rows, cols = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, 1, -1)
