@@ -39,11 +39,11 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _explain(model, images, texts, method, precision):
-    model.precision = precision
+    before, model.precision = model.precision, precision
     try:
         return model.explain(images, texts, method=method)
     finally:
-        model.precision = "fp16"
+        model.precision = before
 
 
 @needs_cuda

@@ -171,7 +171,7 @@ def _load_bundled(name: str, device) -> SurgeryModel:
         open_clip.add_model_config(folder / f"{name}.json")
     if "timm_model_name" in json.loads((folder / f"{name}.json").read_text())["vision_cfg"]:
         register_bundled_towers()
-    context = json.loads((folder / f"{name}.json").read_text())["text_cfg"]["context_length"]
+    context = open_clip.get_model_config(name)["text_cfg"]["context_length"]  # registered above
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)  # CLIP's BPE, offline
     return _load_file(weights, name, device, quick_gelu=None, tokenizer=tokenizer)
 
