@@ -169,9 +169,10 @@ def _load_bundled(name: str, device) -> SurgeryModel:
         )
     if name not in open_clip.list_models():
         open_clip.add_model_config(folder / f"{name}.json")
-    if "timm_model_name" in json.loads((folder / f"{name}.json").read_text())["vision_cfg"]:
+    config = open_clip.get_model_config(name)  # registered above
+    if "timm_model_name" in config["vision_cfg"]:
         register_bundled_towers()
-    context = open_clip.get_model_config(name)["text_cfg"]["context_length"]  # registered above
+    context = config["text_cfg"]["context_length"]
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)  # CLIP's BPE, offline
     return _load_file(weights, name, device, quick_gelu=None, tokenizer=tokenizer)
 
