@@ -529,10 +529,9 @@ def _install_stem(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         return
     from .stem import ConvStem
 
-    convs = sorted(int(key.split(".")[2]) for key in state_dict if key.startswith("visual.conv1."))
-    channels = tuple(
-        state_dict[f"visual.conv1.{index}.weight"].shape[0] for index in sorted(set(convs))[:-1]
-    )
+    stem_keys = (key for key in state_dict if key.startswith("visual.conv1."))
+    convs = sorted({int(key.split(".")[2]) for key in stem_keys})
+    channels = tuple(state_dict[f"visual.conv1.{index}.weight"].shape[0] for index in convs[:-1])
     model.visual.conv1 = ConvStem(model.visual.conv1.out_channels, channels)
 
 
