@@ -71,11 +71,13 @@ def model_config(args) -> dict:
         value = getattr(args, key)
         if value is not None:
             vision[key] = value
+    if args.pool == "avg":
+        vision["pool_type"] = "avg"
     return config
 
 
 def build_model(
-    config: dict, seed: int, positions: str = "random", stem: str = "patch"
+    config: dict, seed: int, positions: str = "random", stem: str = "patch", mixing: int = 0
 ) -> torch.nn.Module:
     """A randomly initialised open_clip CLIP of ``config``.
 
@@ -88,7 +90,7 @@ def build_model(
     if stem == "conv":
         from clip_surgery.stem import ConvStem
 
-        model.visual.conv1 = ConvStem(model.visual.conv1.out_channels)
+        model.visual.conv1 = ConvStem(model.visual.conv1.out_channels, mixing=mixing)
     trunk = getattr(model.visual, "trunk", None)
     if trunk is not None:  # a timm tower: its table may also hold CLS and register rows
         table, prefix = trunk.pos_embed[0], 0 if trunk.no_embed_class else trunk.num_prefix_tokens
@@ -308,6 +310,15 @@ def main() -> None:
         default="patch",
         help="patch embedding: one patchify convolution, or early convolutions (stem.ConvStem)",
     )
+    parser.add_argument(
+        "--stem-mixing", type=int, default=0, help="stride-1 3x3 convolutions ending the stem"
+    )
+    parser.add_argument(
+        "--pool",
+        choices=("tok", "avg"),
+        default="tok",
+        help="image embedding: the CLS token, or the mean of the patch tokens (open_clip ViT)",
+    )
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint.pt or .safetensors")
     parser.add_argument(
         "--new-schedule",
@@ -329,7 +340,7 @@ def main() -> None:
     config = model_config(args)
     name = Path(args.config).stem  # tiny-synth, or the config file's name
     (args.out / f"{name}.json").write_text(json.dumps(config, indent=4) + "\n")
-    model = build_model(config, args.seed, args.positions, args.stem).to(device)
+    model = build_model(config, args.seed, args.positions, args.stem, args.stem_mixing).to(device)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
     bias = (
         torch.nn.Parameter(torch.tensor(-10.0, device=device)) if args.loss == "sigmoid" else None
@@ -433,6 +444,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "group": args.group,
         "positions": args.positions,
+        "stem": args.stem,
+        "stem_mixing": args.stem_mixing,
+        "pool": args.pool,
         "loss": args.loss,
         "lr": args.lr,
         "warmup": args.warmup,

@@ -530,9 +530,11 @@ def _install_stem(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
     from .stem import ConvStem
 
     stem_keys = (key for key in state_dict if key.startswith("visual.conv1."))
-    convs = sorted({int(key.split(".")[2]) for key in stem_keys})
-    channels = tuple(state_dict[f"visual.conv1.{index}.weight"].shape[0] for index in convs[:-1])
-    model.visual.conv1 = ConvStem(model.visual.conv1.out_channels, channels)
+    layers = sorted({int(key.split(".")[2]) for key in stem_keys})
+    plain = [index for index in layers if f"visual.conv1.{index}.weight" in state_dict]
+    channels = tuple(state_dict[f"visual.conv1.{index}.weight"].shape[0] for index in plain[:-1])
+    mixing = len(layers) - len(plain)  # residual 3 x 3 convolutions (``conv1.<i>.conv``)
+    model.visual.conv1 = ConvStem(model.visual.conv1.out_channels, channels, mixing)
 
 
 def _check_finite(model: nn.Module, path: Path) -> None:

@@ -18,14 +18,17 @@ STEM_CHANNELS = (32, 64, 128)
 
 
 class ConvStem(nn.Sequential):
-    """``[B, 3, H, W]`` to ``[B, width, H // 2^k, W // 2^k]`` with k = len(channels)."""
+    """``[B, 3, H, W]`` to ``[B, width, H // 2^k, W // 2^k]`` with k = len(channels); ``mixing``
+    further 3 x 3 stride-1 convolutions (with GELU) at the last resolution widen what each token
+    sees before the 1 x 1 convolution (a hybrid ViT's convolutional trunk, in miniature)."""
 
-    def __init__(self, width: int, channels: tuple[int, ...] = STEM_CHANNELS):
+    def __init__(self, width: int, channels: tuple[int, ...] = STEM_CHANNELS, mixing: int = 0):
         layers: list[nn.Module] = []
         previous = 3
         for count in channels:
             layers += [nn.Conv2d(previous, count, 3, stride=2, padding=1), nn.GELU()]
             previous = count
+        layers += [ResidualConv(previous) for _ in range(mixing)]
         layers.append(nn.Conv2d(previous, width, 1))
         super().__init__(*layers)
         self.stride = 2 ** len(channels)
@@ -35,6 +38,19 @@ class ConvStem(nn.Sequential):
         convolution of that size gives: ``floor(H / stride)``, remainder pixels dropped)."""
         rows, cols = (side // self.stride * self.stride for side in images.shape[-2:])
         return super().forward(images[..., :rows, :cols])
+
+
+class ResidualConv(nn.Module):
+    """``x + conv(gelu(x))``: a 3 x 3 stride-1 convolution on a residual stream (a stack of
+    plain ones without normalisation stalls in training)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The residual update."""
+        return x + self.conv(nn.functional.gelu(x))
 
 
 class ConvStemEmbed(PatchEmbed):
