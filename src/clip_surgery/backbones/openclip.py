@@ -23,8 +23,8 @@ from .base import Attention, AttentionContext, Backbone
 from .common import ClsHead, MeanHead, interpolate_positions, merge_heads, sdpa, split_heads
 
 SUPPORTED = (
-    "open_clip VisionTransformer (CLS or average pooling) and ModifiedResNet towers, and timm ViT / Eva "
-    "towers (SigLIP, SigLIP 2, EVA-02)"
+    "open_clip VisionTransformer (CLS or average pooling) and ModifiedResNet towers, and timm "
+    "ViT / Eva towers (SigLIP, SigLIP 2, EVA-02)"
 )
 CLIP_VOCABULARY = 49408  # CLIP's BPE (open_clip's SimpleTokenizer)
 
