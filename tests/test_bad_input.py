@@ -316,8 +316,8 @@ def test_gradient_methods_take_positions(vit_checkpoint):
 def test_ctrl_c_ends_quickly_with_130_and_no_partial_file(tmp_path, vit_checkpoint):
     folder = tmp_path / "many"
     folder.mkdir()
-    for index in range(60):
-        photo((64, 48), seed=index).save(folder / f"img{index:02d}.png")
+    for index in range(200):  # enough that a loaded machine cannot finish before the signal
+        photo((64, 48), seed=index).save(folder / f"img{index:03d}.png")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "clip_surgery.cli", *explain_args(folder, vit_checkpoint, out)]
     args.append("--batch-size=1")
