@@ -158,10 +158,14 @@ def _describe(obj: SceneObject, rng: np.random.Generator) -> str:
     return f"{article} {' '.join(words)}"
 
 
-def _caption(objects: list[SceneObject], background: str, rng: np.random.Generator) -> str:
-    """Names the k largest visible shapes, largest first; k uniform in 1..(visible count)."""
+def _caption(
+    objects: list[SceneObject], background: str, rng: np.random.Generator, every: bool = False
+) -> str:
+    """Names the k largest visible shapes, largest first; k uniform in 1..(visible count), or
+    every visible shape (``every``; the draw is made either way, so the wording is the same)."""
     ordered = [o for o in sorted(objects, key=lambda o: -o.pixels) if o.pixels > 0]
-    mentioned = ordered[: int(rng.integers(1, len(ordered) + 1))]
+    count = int(rng.integers(1, len(ordered) + 1))
+    mentioned = ordered if every else ordered[:count]
     parts = [_describe(o, rng) for o in mentioned]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     form = rng.integers(0, 6)
@@ -235,13 +239,13 @@ def _place(areas: list[float], rng: np.random.Generator) -> list[tuple[float, fl
     return centres
 
 
-def make_scene(seed: int, variant: int = 0) -> Scene:
+def make_scene(seed: int, variant: int = 0, every_shape: bool = False) -> Scene:
     """The scene of ``seed``: deterministic image, labels and caption.
 
     One large shape and up to two small ones (areas ``LARGE_AREA`` / ``SMALL_AREA`` pixels),
     coloured and textured, on a textured background, with mild noise. ``variant > 0``: the
     same scene with other shape categories (see the module docstring); variant 0 is the scene
-    itself.
+    itself. ``every_shape``: the caption names every visible shape (else the k largest).
     """
     rng = np.random.default_rng(seed)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
@@ -278,7 +282,8 @@ def make_scene(seed: int, variant: int = 0) -> Scene:
     objects = [o for o in objects if o.pixels > 0] or objects
     noise = rng.normal(0, 6, image.shape)
     picture = np.clip(image + noise, 0, 255).astype(np.uint8)
-    return Scene(picture, labels, _caption(objects, background, rng), objects, background)
+    caption = _caption(objects, background, rng, every_shape)
+    return Scene(picture, labels, caption, objects, background)
 
 
 def scenes(split: str, count: int, start: int = 0) -> list[Scene]:
@@ -348,15 +353,18 @@ def pointing_game(
     the maps of ``clip_surgery.features.similarity_map`` at the scene's size) scores a hit when
     its peak pixel lies on that category's exact mask (``eval.metrics.pointing_hits``). Returns
     the hit rate over all (scene, shape) pairs, over pairs of at least ``min_pixels`` visible
-    pixels (``large``), the expected rate of a uniformly random point (``random``), the share of
-    peaks on the background (``background_peak``) and the pair counts.
+    pixels (``large``), the expected rate of a uniformly random point (``random``), the rate of
+    an oracle map on the same token grid (``oracle``: each token's share of the shape's pixels,
+    turned into a map the same way), the share of peaks on the background (``background_peak``)
+    and the pair counts.
     """
     import torch
+    import torch.nn.functional as F
 
     from .eval.metrics import pointing_hits
     from .features import similarity_map
 
-    hits, sizes, background, chance = [], [], [], []
+    hits, sizes, background, chance, oracle = [], [], [], [], []
     for begin in range(0, count, batch):
         chunk = scenes(split, min(batch, count - begin), start=begin)
         images = torch.stack([_to_input(model, s.image) for s in chunk])
@@ -368,6 +376,9 @@ def pointing_game(
             heatmaps = scene_maps[[c - 1 for c in present]]
             masks = torch.stack([labels == c for c in present])
             hits += pointing_hits(heatmaps, masks).tolist()
+            shares = F.adaptive_avg_pool2d(masks[None].float(), result.grid)[0]
+            best = similarity_map(shares.flatten(1).T[None], (SIZE, SIZE), result.grid)[0]
+            oracle += pointing_hits(best, masks).tolist()
             background += pointing_hits(heatmaps, (labels == 0).expand_as(masks)).tolist()
             sizes += masks.sum(dim=(1, 2)).tolist()
             chance += (masks.double().mean(dim=(1, 2))).tolist()
@@ -379,6 +390,8 @@ def pointing_game(
         "large": float(hits_array[large].mean()),
         "random": float(np.mean(chance)),
         "random_large": float(np.array(chance)[large].mean()),
+        "oracle": float(np.mean(oracle)),
+        "oracle_large": float(np.array(oracle)[large].mean()),
         "background_peak": float(np.mean(background)),
         "pairs": int(len(hits)),
         "large_pairs": int(large.sum()),
