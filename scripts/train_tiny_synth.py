@@ -4,14 +4,17 @@ A CLIP: image-text contrastive training only, on procedurally generated captione
 (``clip_surgery.synth``); no mask or class label enters the loss. The recipe:
 
 - the architecture of the package's ``tiny-synth.json`` (64 px input) unless overridden
-  (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); a finer token grid for the
-  end of training: resuming 8 px-patch weights into a ``--patch-size 4`` model converts them
-  exactly (``refine_grid``: 16 x 16 tokens instead of 8 x 8);
+  (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); the patch embedding a
+  patchify convolution or a convolutional stem (``--stem conv``, ``stem.ConvStem``, optionally
+  with ``--stem-mixing`` residual convolutions); the image embedding the CLS token or the mean
+  of the patch tokens (``--pool``); a finer token grid for the end of training: resuming 8
+  px-patch weights into a ``--patch-size 4`` model converts them exactly (``refine_grid``: 16 x
+  16 tokens instead of 8 x 8);
 - the positional table starts at MAE's 2-D sine-cosine embedding (``--positions``);
 - hard-negative batches: each batch holds groups of ``--group`` renderings of one scene that
   differ only in their shape categories (``synth.make_scene(seed, variant)``; with 5 the large
   shape appears as each of the five), so colour, texture and layout alone cannot solve the
-  batch;
+  batch; captions name the k largest shapes (k random) or every shape (``--captions all``);
 - a contrastive loss that tolerates identical captions in a batch: softmax (CLIP) cross-entropy
   against targets spread uniformly over every pair with the same caption, or (``--loss
   sigmoid``) SigLIP's pairwise sigmoid loss (Zhai et al., "Sigmoid Loss for Language Image
@@ -27,8 +30,10 @@ continues from either (from the fp16 file with a restarted optimizer), on the sa
 metrics JSON (zero-shot accuracy and the pointing game on validation scenes) and the loss
 curve.
 
-Run: ``.venv/bin/python scripts/train_tiny_synth.py --out build/tiny-synth`` and copy
-``tiny-synth.safetensors`` / ``tiny-synth.metrics.json`` to ``src/clip_surgery/data/models/``.
+The shipped tiny-synth: two stages, the commands in the README (section "tiny-synth"): a
+CLS-pooled stage with ``--stem conv --layers 3``, then ``--pool avg`` resumed from it with
+``--new-schedule``; copy ``tiny-synth.safetensors``, ``tiny-synth.json`` and the loss curve to
+``src/clip_surgery/data/models/`` and ``docs/``, then run ``scripts/measure_shipped.py``.
 """
 
 from __future__ import annotations
@@ -71,8 +76,7 @@ def model_config(args) -> dict:
         value = getattr(args, key)
         if value is not None:
             vision[key] = value
-    if args.pool == "avg":
-        vision["pool_type"] = "avg"
+    vision["pool_type"] = args.pool  # explicit: the package's config pools by average
     return config
 
 
@@ -123,10 +127,11 @@ class Batches(torch.utils.data.Dataset):
     captions).
     """
 
-    def __init__(self, size: int, group: int, context_length: int):
+    def __init__(self, size: int, group: int, context_length: int, every_shape: bool = False):
         if size % group:
             raise ValueError(f"batch size {size} is not a multiple of the group {group}")
         self.size, self.group, self.context_length = size, group, context_length
+        self.every_shape = every_shape
         self.tokenizer = None
 
     def __len__(self) -> int:
@@ -137,7 +142,9 @@ class Batches(torch.utils.data.Dataset):
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
         per_step = self.size // self.group
         scenes = [
-            synth.make_scene(synth.scene_seed("train", step * per_step + k), variant)
+            synth.make_scene(
+                synth.scene_seed("train", step * per_step + k), variant, self.every_shape
+            )
             for k in range(per_step)
             for variant in range(self.group)
         ]
@@ -314,6 +321,12 @@ def main() -> None:
         "--stem-mixing", type=int, default=0, help="stride-1 3x3 convolutions ending the stem"
     )
     parser.add_argument(
+        "--captions",
+        choices=("some", "all"),
+        default="some",
+        help="captions name the k largest shapes (k random), or every shape",
+    )
+    parser.add_argument(
         "--pool",
         choices=("tok", "avg"),
         default="tok",
@@ -365,7 +378,7 @@ def main() -> None:
         schedule_start = start if args.new_schedule else schedule_start
         print(f"resumed from {args.resume} at step {start}", file=sys.stderr)
     data = torch.utils.data.DataLoader(
-        Batches(args.batch_size, args.group, model.context_length),
+        Batches(args.batch_size, args.group, model.context_length, args.captions == "all"),
         batch_size=None,
         sampler=range(start, args.steps),
         num_workers=args.workers,
@@ -447,6 +460,7 @@ def main() -> None:
         "stem": args.stem,
         "stem_mixing": args.stem_mixing,
         "pool": args.pool,
+        "captions": args.captions,
         "loss": args.loss,
         "lr": args.lr,
         "warmup": args.warmup,
