@@ -301,7 +301,8 @@ def _vision(visual: nn.Module):
     if isinstance(visual, ModifiedResNet):
         return OpenClipResNet(visual), "open_clip ModifiedResNet"
     if isinstance(visual, VisionTransformer):
-        return OpenClipViT(visual), "open_clip ViT"
+        suffix = " (avg pool)" if visual.pool_type == "avg" else ""
+        return OpenClipViT(visual), "open_clip ViT" + suffix
     if type(visual).__name__ == "TimmModel":
         from . import openclip_timm
 
