@@ -114,7 +114,8 @@ def main_figure() -> Path:
         command += ["--model", "tiny-synth", "--text", *synth.SHAPES, "--out", folder]
         if cli([*command, "--no-progress"]) != 0:
             raise SystemExit("the main command failed")
-        return Path(shutil.copy(Path(folder) / "test_00007_grid.png", HERE / "main_example.png"))
+        (grid,) = Path(folder).glob("*-test-00007/grid.png")  # the CLI's NNN-stem folder
+        return Path(shutil.copy(grid, HERE / "main_example.png"))
 
 
 def main() -> None:
