@@ -3,7 +3,8 @@
 Exports the test scenes in the VOC layout (dataset ``synthetic``), then reports the model's
 zero-shot accuracy, the time of one forward, and for every method in the registry the pointing
 game (``synth.pointing_game``: for each shape present, is its map's peak on that shape's exact
-mask; all shapes and shapes of at least 200 visible pixels; share of peaks on the background),
+mask; all shapes and shapes of at least 200 visible pixels; share of peaks on the background;
+a uniformly random point and an oracle map on the model's token grid as references),
 RISE's deletion and insertion areas (``eval.faithfulness``: CLIP's own probability of each
 present shape among the five, ``--steps`` steps, mean-colour deletion and blurred insertion),
 the paper's explainability mIoU / mSC (at the model's native input size, class set = the five
@@ -165,6 +166,8 @@ def main() -> None:
         "pointing_large_pairs": game["large_pairs"],
         "pointing_random": game["random"],
         "pointing_random_large": game["random_large"],
+        "pointing_grid_oracle": game["oracle"],
+        "pointing_grid_oracle_large": game["oracle_large"],
         "methods": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -188,6 +191,8 @@ def main() -> None:
     )
     print("| --- " * 12 + "|")
     print(f"| random point | {game['random']:.2f} | {game['random_large']:.2f} |" + " |" * 9)
+    oracle = f"| token-grid oracle | {game['oracle']:.2f} | {game['oracle_large']:.2f} |"
+    print(oracle + " |" * 9)
     for row in rows:
         print(
             f"| {row['method']} | {row['pointing']:.2f} | {row['pointing_large']:.2f} | "

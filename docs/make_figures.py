@@ -25,6 +25,7 @@ from clip_surgery.viz import save_png  # noqa: E402
 
 HERE = Path(__file__).parent
 SCALE = 4
+EXAMPLE_SCENES = (3, 7, 11, 20)
 
 
 def scene_image(index: int) -> tuple[synth.Scene, Image.Image]:
@@ -85,9 +86,20 @@ def classify_figure(model) -> Path:
 
 def words_figure(model) -> Path:
     """Word importances and per-word maps for a short caption of scene 7."""
-    scene, picture = scene_image(7)
+    _, picture = scene_image(7)
     result = explain_words(model, picture, "a yellow ring and a red cross")
     return save_png(word_figure(picture, result), HERE / "tiny_synth_words.png")
+
+
+def example_scenes() -> list[Path]:
+    """The test scenes of ``examples/scenes`` (3, 7, 11, 20), written from the generator."""
+    folder = HERE.parent / "examples/scenes"
+    paths = []
+    for index in EXAMPLE_SCENES:
+        path = folder / f"test_{index:05d}.png"
+        Image.fromarray(synth.make_scene(synth.scene_seed("test", index)).image).save(path)
+        paths.append(path)
+    return paths
 
 
 def main_figure() -> Path:
@@ -102,13 +114,20 @@ def main_figure() -> Path:
         command += ["--model", "tiny-synth", "--text", *synth.SHAPES, "--out", folder]
         if cli([*command, "--no-progress"]) != 0:
             raise SystemExit("the main command failed")
-        return Path(shutil.copy(Path(folder) / "test_00007_grid.png", HERE / "main_example.png"))
+        (grid,) = Path(folder).glob("*-test-00007/grid.png")  # the CLI's NNN-stem folder
+        return Path(shutil.copy(grid, HERE / "main_example.png"))
 
 
 def main() -> None:
     """Write the main picture and the three task pictures next to this script."""
     model = clip_surgery.load("tiny-synth")
-    for path in (main_figure(), points_figure(model), classify_figure(model), words_figure(model)):
+    for path in (
+        *example_scenes(),
+        main_figure(),
+        points_figure(model),
+        classify_figure(model),
+        words_figure(model),
+    ):
         print(path)
 
 

@@ -4,12 +4,17 @@ A CLIP: image-text contrastive training only, on procedurally generated captione
 (``clip_surgery.synth``); no mask or class label enters the loss. The recipe:
 
 - the architecture of the package's ``tiny-synth.json`` (64 px input) unless overridden
-  (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); a finer token grid for the
-  end of training: resuming 8 px-patch weights into a ``--patch-size 4`` model converts them
-  exactly (``refine_grid``: 16 x 16 tokens instead of 8 x 8);
+  (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); the patch embedding a
+  patchify convolution or a convolutional stem (``--stem conv``, ``stem.ConvStem``, optionally
+  with ``--stem-mixing`` residual convolutions); the image embedding the CLS token or the mean
+  of the patch tokens (``--pool``); a finer token grid for the end of training: resuming 8
+  px-patch weights into a ``--patch-size 4`` model converts them exactly (``refine_grid``: 16 x
+  16 tokens instead of 8 x 8);
+- the positional table starts at MAE's 2-D sine-cosine embedding (``--positions``);
 - hard-negative batches: each batch holds groups of ``--group`` renderings of one scene that
-  differ only in their shape categories (``synth.make_scene(seed, variant)``), so colour,
-  texture and layout alone cannot solve the batch;
+  differ only in their shape categories (``synth.make_scene(seed, variant)``; with 5 the large
+  shape appears as each of the five), so colour, texture and layout alone cannot solve the
+  batch; captions name the k largest shapes (k random) or every shape (``--captions all``);
 - a contrastive loss that tolerates identical captions in a batch: softmax (CLIP) cross-entropy
   against targets spread uniformly over every pair with the same caption, or (``--loss
   sigmoid``) SigLIP's pairwise sigmoid loss (Zhai et al., "Sigmoid Loss for Language Image
@@ -25,8 +30,10 @@ continues from either (from the fp16 file with a restarted optimizer), on the sa
 metrics JSON (zero-shot accuracy and the pointing game on validation scenes) and the loss
 curve.
 
-Run: ``.venv/bin/python scripts/train_tiny_synth.py --out build/tiny-synth`` and copy
-``tiny-synth.safetensors`` / ``tiny-synth.metrics.json`` to ``src/clip_surgery/data/models/``.
+The shipped tiny-synth: two stages, the commands in the README (section "tiny-synth"): a
+CLS-pooled stage with ``--stem conv --layers 3``, then ``--pool avg`` resumed from it with
+``--new-schedule``; copy ``tiny-synth.safetensors``, ``tiny-synth.json`` and the loss curve to
+``src/clip_surgery/data/models/`` and ``docs/``, then run ``scripts/measure_shipped.py``.
 """
 
 from __future__ import annotations
@@ -55,8 +62,10 @@ GROUPS_PER_SPLIT = 10_000_000  # train seeds available (synth.SPLITS)
 
 def model_config(args) -> dict:
     """The package's config ``--config`` (tiny-synth) with the command line's overrides."""
-    path = files("clip_surgery").joinpath(f"data/models/{args.config}.json")
-    config = json.loads(Path(str(path)).read_text())
+    path = Path(args.config)
+    if path.suffix != ".json":
+        path = Path(str(files("clip_surgery").joinpath(f"data/models/{args.config}.json")))
+    config = json.loads(path.read_text())
     if "timm_model_name" in config["vision_cfg"]:  # tiny-synth-siglip: a timm MAP-head tower
         from clip_surgery.loading import register_bundled_towers
 
@@ -67,13 +76,38 @@ def model_config(args) -> dict:
         value = getattr(args, key)
         if value is not None:
             vision[key] = value
+    vision["pool_type"] = args.pool  # explicit: the package's config pools by average
     return config
 
 
-def build_model(config: dict, seed: int) -> torch.nn.Module:
-    """A randomly initialised open_clip CLIP of ``config``."""
+def build_model(
+    config: dict, seed: int, positions: str = "random", stem: str = "patch", mixing: int = 0
+) -> torch.nn.Module:
+    """A randomly initialised open_clip CLIP of ``config``.
+
+    ``positions="sincos"`` starts the (still learnable) positional table of a square ViT grid at
+    the fixed 2-D sine-cosine embedding of MAE (He et al., CVPR 2022), which gives patches their
+    neighbourhood from the first step; "random" keeps open_clip's random table.
+    """
     torch.manual_seed(seed)
-    return open_clip.model.CLIP(**config)
+    model = open_clip.model.CLIP(**config)
+    if stem == "conv":
+        from clip_surgery.stem import ConvStem
+
+        model.visual.conv1 = ConvStem(model.visual.conv1.out_channels, mixing=mixing)
+    trunk = getattr(model.visual, "trunk", None)
+    if trunk is not None:  # a timm tower: its table may also hold CLS and register rows
+        table, prefix = trunk.pos_embed[0], 0 if trunk.no_embed_class else trunk.num_prefix_tokens
+    else:
+        table, prefix = model.visual.positional_embedding, 1
+    if positions == "sincos":
+        from open_clip.pos_embed import get_2d_sincos_pos_embed
+
+        grid = math.isqrt(table.shape[0] - prefix)
+        sincos = get_2d_sincos_pos_embed(table.shape[1], grid)
+        table.data[prefix:].copy_(torch.from_numpy(sincos).float())
+        table.data[:prefix] = 0  # as MAE's table: no position for CLS (and registers)
+    return model
 
 
 def to_tensor(images: torch.Tensor) -> torch.Tensor:
@@ -93,10 +127,11 @@ class Batches(torch.utils.data.Dataset):
     captions).
     """
 
-    def __init__(self, size: int, group: int, context_length: int):
+    def __init__(self, size: int, group: int, context_length: int, every_shape: bool = False):
         if size % group:
             raise ValueError(f"batch size {size} is not a multiple of the group {group}")
         self.size, self.group, self.context_length = size, group, context_length
+        self.every_shape = every_shape
         self.tokenizer = None
 
     def __len__(self) -> int:
@@ -107,7 +142,9 @@ class Batches(torch.utils.data.Dataset):
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
         per_step = self.size // self.group
         scenes = [
-            synth.make_scene(synth.scene_seed("train", step * per_step + k), variant)
+            synth.make_scene(
+                synth.scene_seed("train", step * per_step + k), variant, self.every_shape
+            )
             for k in range(per_step)
             for variant in range(self.group)
         ]
@@ -168,8 +205,9 @@ def evaluate(model, tokenizer, count: int, pointing_count: int) -> dict:
     """Zero-shot accuracy and the pointing game (raw, clip_surgery) on validation scenes."""
     wrapped = clip_surgery.wrap(model, tokenizer, name="tiny-synth")
     result = {"val_zero_shot": synth.zero_shot_accuracy(wrapped, "val", count)}
-    for method in ("raw", "clip_surgery"):
-        game = synth.pointing_game(wrapped, method, "val", pointing_count)
+    blocks = len(wrapped.backbone.vision.blocks)  # clip_surgery's depth 6 needs 6 blocks
+    for method, options in (("raw", {}), ("clip_surgery", {"depth": min(6, blocks)})):
+        game = synth.pointing_game(wrapped, method, "val", pointing_count, **options)
         result[f"val_pointing_{method}"] = round(game["all"], 4)
         result[f"val_pointing_{method}_large"] = round(game["large"], 4)
         result[f"val_background_peak_{method}"] = round(game["background_peak"], 4)
@@ -249,8 +287,8 @@ def main() -> None:
     parser.add_argument(
         "--config",
         default="tiny-synth",
-        choices=["tiny-synth", "tiny-synth-siglip"],
-        help="architecture from the package's data/models (tiny-synth-siglip: MAP head, no CLS)",
+        help="architecture: a config of the package's data/models (tiny-synth, tiny-synth-siglip: "
+        "MAP head, no CLS) or an open_clip config JSON file",
     )
     parser.add_argument("--steps", type=int, default=6000, help="length of the schedule")
     parser.add_argument("--batch-size", type=int, default=512)
@@ -267,6 +305,33 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--patch-size", type=int, default=None)
     parser.add_argument("--head-width", type=int, default=None)
+    parser.add_argument(
+        "--positions",
+        choices=("sincos", "random"),
+        default="sincos",
+        help="initial positional table of the ViT (learnable either way)",
+    )
+    parser.add_argument(
+        "--stem",
+        choices=("patch", "conv"),
+        default="patch",
+        help="patch embedding: one patchify convolution, or early convolutions (stem.ConvStem)",
+    )
+    parser.add_argument(
+        "--stem-mixing", type=int, default=0, help="stride-1 3x3 convolutions ending the stem"
+    )
+    parser.add_argument(
+        "--captions",
+        choices=("some", "all"),
+        default="some",
+        help="captions name the k largest shapes (k random), or every shape",
+    )
+    parser.add_argument(
+        "--pool",
+        choices=("tok", "avg"),
+        default="tok",
+        help="image embedding: the CLS token, or the mean of the patch tokens (open_clip ViT)",
+    )
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint.pt or .safetensors")
     parser.add_argument(
         "--new-schedule",
@@ -286,8 +351,9 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     args.out.mkdir(parents=True, exist_ok=True)
     config = model_config(args)
-    (args.out / f"{args.config}.json").write_text(json.dumps(config, indent=4) + "\n")
-    model = build_model(config, args.seed).to(device)
+    name = Path(args.config).stem  # tiny-synth, or the config file's name
+    (args.out / f"{name}.json").write_text(json.dumps(config, indent=4) + "\n")
+    model = build_model(config, args.seed, args.positions, args.stem, args.stem_mixing).to(device)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
     bias = (
         torch.nn.Parameter(torch.tensor(-10.0, device=device)) if args.loss == "sigmoid" else None
@@ -312,7 +378,7 @@ def main() -> None:
         schedule_start = start if args.new_schedule else schedule_start
         print(f"resumed from {args.resume} at step {start}", file=sys.stderr)
     data = torch.utils.data.DataLoader(
-        Batches(args.batch_size, args.group, model.context_length),
+        Batches(args.batch_size, args.group, model.context_length, args.captions == "all"),
         batch_size=None,
         sampler=range(start, args.steps),
         num_workers=args.workers,
@@ -336,9 +402,7 @@ def main() -> None:
             },
             args.out / "checkpoint.pt",
         )
-        save_weights(
-            model, args.out / f"{args.config}.safetensors", step, losses, extra, schedule_start
-        )
+        save_weights(model, args.out / f"{name}.safetensors", step, losses, extra, schedule_start)
 
     model.train()
     for step, (images, tokens, ids) in enumerate(data, start=start):
@@ -392,6 +456,11 @@ def main() -> None:
         "finished": not stopped_early and reached >= args.steps,
         "batch_size": args.batch_size,
         "group": args.group,
+        "positions": args.positions,
+        "stem": args.stem,
+        "stem_mixing": args.stem_mixing,
+        "pool": args.pool,
+        "captions": args.captions,
         "loss": args.loss,
         "lr": args.lr,
         "warmup": args.warmup,
@@ -411,8 +480,8 @@ def main() -> None:
     if metrics["finished"]:
         metrics |= evaluate(model, tokenizer, args.eval_count, args.pointing_count)
         metrics["eval_count"] = args.eval_count
-    (args.out / f"{args.config}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    save_loss_curve(losses, args.out / f"{args.config}-loss.png", f"{args.config} training")
+    (args.out / f"{name}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_loss_curve(losses, args.out / f"{name}-loss.png", f"{name} training")
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
 
 

@@ -322,7 +322,13 @@ def test_ctrl_c_ends_quickly_with_130_and_no_partial_file(tmp_path, vit_checkpoi
     args = [sys.executable, "-m", "clip_surgery.cli", *explain_args(folder, vit_checkpoint, out)]
     args.append("--batch-size=1")
     process = subprocess.Popen(
-        args, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        args,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        # as a terminal's Ctrl-C finds it: a suite run as a background job starts its children
+        # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while not list(out.glob("*/grid.png")) and time.monotonic() < deadline:

@@ -77,7 +77,7 @@ def test_explain_writes_overlays_grid_and_json(tmp_path, images, vit_checkpoint,
     assert report["settings"] == {
         "size": 224,
         "single": False,
-        "depth": 6,
+        "depth": None,
         "attention": "vv",
         "ffn": False,
         "feature_surgery": "auto",

@@ -230,20 +230,20 @@ def test_explain_endpoint_from_gradio_client(server, tiny):
         "circle, square",
         methods=["clip_surgery", "gem"],
         mode="free-form",
-        depth=4,
+        depth=2,
         gem__iterations=2,
         api_name="/explain",
     )
-    ours = api_overlays(tiny, path, texts, single=True, depth=4)
-    gem = api_overlays(tiny, path, texts, "gem", single=True, depth=4, iterations=2)
+    ours = api_overlays(tiny, path, texts, single=True, depth=2)
+    gem = api_overlays(tiny, path, texts, "gem", single=True, depth=2, iterations=2)
     served = [item["image"] for item in overlays["value"]]  # text by text, methods side by side
     assert len(served) == 4 and overlays["columns"] == 2
     for got, want in zip(served, [ours[0], gem[0], ours[1], gem[1]], strict=True):
         np.testing.assert_array_equal(_decoded(Path(got).read_bytes()), want)
     reports = json.loads(report)
-    assert reports["gem"]["settings"]["depth"] == 4 and reports["gem"]["mode"] == "free-form"
+    assert reports["gem"]["settings"]["depth"] == 2 and reports["gem"]["mode"] == "free-form"
     assert reports["gem"]["settings"]["iterations"] == 2
-    cosine = tiny.explain(open_image(path, 2048), texts, single=True, depth=4).cosine[0]
+    cosine = tiny.explain(open_image(path, 2048), texts, single=True, depth=2).cosine[0]
     listed = [item["cosine"] for item in reports["clip_surgery"]["images"][0]["texts"]]
     assert listed == [round(v, 6) for v in cosine.tolist()]
     assert sorted(Path(f).name for f in files)[-1] == "explain-gem.json"
@@ -255,7 +255,7 @@ def test_explain_endpoint_from_gradio_client(server, tiny):
     [
         ("scene", "  , \n", {}, "no text given"),
         ("scene", ",".join("abcdefghi"), {}, "9 texts given; this demo takes at most 8"),
-        ("scene", "ring", {"depth": 99}, "must be in [0, 6] for this model, got 99"),
+        ("scene", "ring", {"depth": 99}, "must be in [0, 3] for this model, got 99"),
         ("scene", "ring", {"size": 5000}, "input size must be 0"),
         ("scene", "ring", {"methods": []}, "no method chosen"),
         ("scene", "ring", {"methods": ["gem"], "gem__temperature": "hot"}, "must be float"),
@@ -331,6 +331,17 @@ def test_option_controls_follow_the_catalog():
     assert method_options("gem", 3, {"gem__temperature": "", "sclip__ffn": False}) == {"depth": 3}
     with pytest.raises(OptionError, match="must be >= 0"):
         method_options("clip_surgery", -1, {})
+
+
+def test_the_depth_control_starts_at_the_models_own_default(tiny):
+    """tiny-synth has 3 blocks: the page's depth starts at 3 (6 would be refused); a 12-block
+    ViT starts at the paper's 6."""
+    from conftest import make_vit
+
+    from clip_surgery.demo import _default_depth
+
+    assert _default_depth(tiny) == 3
+    assert _default_depth(clip_surgery.wrap(make_vit(5, layers=12))) == 6
 
 
 def test_size_and_pixel_checks(tmp_path):

@@ -218,3 +218,28 @@ def test_registry_has_the_new_methods_with_sources():
         described = methods.get(name).describe()
         assert described["citation"] and described["summary"]
         assert {"open_clip ViT", "transformers CLIP"} <= set(described["families"])
+
+
+def test_a_shallow_model_gets_defaults_within_its_blocks():
+    """On a 3-block ViT every default block choice is a valid one: the parallel paths of
+    clip_surgery and gem take every block, and the ViT-B/16 block indices of ResCLIP and SC-CLIP,
+    mapped to the same relative depth, are capped at the last block each may name; explicit
+    values are still checked. On 12 blocks the papers' own indices come back unchanged."""
+    from clip_surgery.methods.common import layer
+
+    shallow = clip_surgery.wrap(make_vit(73, layers=3))
+    images = random_images(1, 224, 224, seed=5)
+    explicit = {
+        "clip_surgery": {"depth": 3},
+        "gem": {"depth": 3},
+        "resclip": {"rcs_first": 1, "rcs_last": 1},
+        "scclip": {"pre_adjust": 1, "post_adjust": 1, "multi_start": 1, "multi_end": 2},
+    }
+    for name, values in explicit.items():
+        default = explain(shallow, images, name).similarity
+        assert torch.equal(default, explain(shallow, images, name, **values).similarity), name
+    with pytest.raises(OptionError, match=r"depth of 'clip_surgery' must be in \[0, 3\]"):
+        explain(shallow, images, "clip_surgery", depth=6)
+    with pytest.raises(OptionError, match=r"rcs_last of 'resclip' must be in \[1, 1\]"):
+        explain(shallow, images, "resclip", rcs_last=2)
+    assert [layer(None, paper, 12, highest=10) for paper in (3, 5, 8, 10)] == [3, 5, 8, 10]

@@ -204,3 +204,68 @@ def test_pretrained_tags_choose_the_activation(monkeypatch, vit, name, tag, quic
     assert model_name == name.replace("/", "-")
     assert kwargs["pretrained"] == (tag or "openai") and kwargs["force_quick_gelu"] is quick
     assert loaded.name == f"{model_name}/{tag or 'openai'}"
+
+
+@pytest.mark.parametrize("mixing", [0, 2])
+def test_a_vit_with_a_conv_stem_loads_from_its_file(tmp_path, mixing):
+    """Weights whose ``visual.conv1`` is a ``ConvStem`` (tiny-synth's; with or without residual
+    stride-1 convolutions) get that stem on load, and the loaded model gives the saved model's
+    image embedding."""
+    from conftest import perturb
+
+    from clip_surgery.stem import ConvStem
+
+    config = {
+        "embed_dim": EMBED_DIM,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": TEXT_CFG,
+    }
+    (tmp_path / "stem-test-vit.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "stem-test-vit.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("stem-test-vit")
+    model.visual.conv1 = ConvStem(64, (8, 16, 24), mixing)
+    model = perturb(model, 3).eval()
+    save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
+    loaded = clip_surgery.load("stem-test-vit", pretrained=str(tmp_path / "weights.safetensors"))
+    stem = loaded.backbone.vision.visual.conv1
+    assert isinstance(stem, ConvStem) and len(stem) == len(model.visual.conv1)
+    images = random_images(2, 64, 64, seed=4)
+    with torch.no_grad():
+        expected = model.encode_image(images)
+    assert relative_error(loaded.encode(images, "raw").pooled, expected) <= 1e-5
+    assert loaded.explain(random_images(1, 60, 44), ["a", "b"], depth=2).grid == (7, 5)
+
+
+def test_an_average_pooled_vit_gives_its_own_embedding_and_maps():
+    """open_clip's ``pool_type="avg"`` ViT: the raw embedding is ``encode_image``'s, the raw
+    embedding is the mean of the raw dense features, and every applicable method gives [0, 1]
+    maps; ``final_ln_after_pool`` (norm after the pool) is refused."""
+    from conftest import perturb
+
+    from clip_surgery import backbones, methods
+
+    # 10 blocks: ResCLIP's block defaults (5 and 8) need them
+    vision = {"image_size": 64, "layers": 10, "width": 64, "patch_size": 8, "pool_type": "avg"}
+    torch.manual_seed(0)
+    model = perturb(open_clip.model.CLIP(EMBED_DIM, vision, TEXT_CFG), 2).eval()
+    wrapped = clip_surgery.wrap(model)
+    images = random_images(2, 64, 64, seed=4)
+    with torch.no_grad():
+        expected = model.encode_image(images)
+    encoded = wrapped.encode(images, "raw")
+    assert relative_error(encoded.pooled, expected) <= 1e-5
+    assert relative_error(encoded.dense.mean(dim=1), expected) <= 1e-5
+    family = backbones.capabilities(wrapped.backbone)
+    assert wrapped.family == "open_clip ViT (avg pool)"
+    assert family == backbones.family(wrapped.family)  # what the catalog lists for it
+    names = [name for name in methods.names() if methods.get(name).supports(family)]
+    assert {"chefer", "scclip", "legrad"}.isdisjoint(names) and len(names) == 10
+    for method in names:
+        options = {"depth": 2} if method in ("clip_surgery", "gem") else {}
+        result = wrapped.explain(random_images(1, 60, 44), TEXTS, method=method, **options)
+        maps = result.maps
+        assert maps.shape[-2:] == (60, 44) and maps.min() >= 0 and maps.max() <= 1, method
+    vision["final_ln_after_pool"] = True
+    with pytest.raises(ModelError, match="average pooling"):
+        clip_surgery.wrap(open_clip.model.CLIP(EMBED_DIM, vision, TEXT_CFG))

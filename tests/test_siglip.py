@@ -27,6 +27,7 @@ from clip_surgery import (
     engine,
     methods,
 )
+from clip_surgery.loading import register_bundled_towers
 
 TOLERANCE = 1e-5
 TEXTS = ["a cat", "a red dog on the grass"]
@@ -255,11 +256,14 @@ def test_loading_siglip_offline_says_what_is_missing(tmp_path):
     [
         (192, "eva02_tiny_patch14_224", "map", "none", "open_clip SigLIP", 1),  # MAP sees the CLS
         (64, "vit_small_patch14_reg4_dinov2", "token", "linear", "open_clip EVA", 5),  # registers
+        (64, "tiny_synth_reg_vit", "token", "linear", "open_clip EVA", 5),  # conv stem, registers
     ],
 )
 def test_other_timm_towers(embed, trunk, pool, proj, family, prefix):
+    register_bundled_towers()
     torch.manual_seed(0)
-    vision = dict(timm_model_name=trunk, timm_pool=pool, timm_proj=proj, image_size=224)
+    size = 64 if trunk.startswith("tiny") else 224
+    vision = dict(timm_model_name=trunk, timm_pool=pool, timm_proj=proj, image_size=size)
     text = dict(width=64, heads=1, layers=1, context_length=16, vocab_size=1000)
     model = perturb(CustomTextCLIP(embed, vision, text), 1)
     wrapped = clip_surgery.wrap(model, tokenizer=hashing_tokenizer(16, 1000))
@@ -363,3 +367,12 @@ def test_import_does_not_load_timm_or_transformers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_conv_stem_downsamples_like_its_patch_size():
+    from clip_surgery.stem import ConvStem, ConvStemEmbed
+
+    stem = ConvStem(48)
+    assert stem(torch.zeros(2, 3, 64, 47)).shape == (2, 48, 8, 5) and stem.stride == 8
+    with pytest.raises(ValueError, match="stride 8"):
+        ConvStemEmbed(img_size=64, patch_size=16, embed_dim=48)

@@ -42,6 +42,18 @@ def test_labels_match_objects_and_captions(index):
     assert total == int((scene.labels > 0).sum())
 
 
+def test_the_largest_shape_is_never_a_near_tie():
+    """The zero-shot target is well defined: the largest visible shape has at least 1.5 times
+    the pixels of the next one, in every variant."""
+    for index in range(300):
+        for variant in (0, 1):
+            scene = synth.make_scene(synth.scene_seed("test", index), variant)
+            pixels = sorted((o.pixels for o in scene.objects), reverse=True)
+            assert len(pixels) <= synth.MAX_OBJECTS
+            assert pixels[0] >= 400 and (len(pixels) == 1 or pixels[0] >= 1.5 * pixels[1])
+            assert scene.objects[0].size == "large" and scene.main_shape == scene.objects[0].shape
+
+
 @pytest.mark.parametrize("index", range(8))
 def test_variants_change_only_the_shapes(index):
     seed = synth.scene_seed("train", index)
@@ -91,7 +103,8 @@ def test_bundled_model_loads_offline_and_reaches_its_stated_accuracy(name):
     assert weights.stat().st_size <= 16 * 2**20
     accuracy = synth.zero_shot_accuracy(model, "test", stated["eval_count"])
     assert accuracy == pytest.approx(stated["shipped_test_zero_shot_accuracy"], abs=0.01)
-    assert accuracy > 0.4  # far above the 20% of guessing among five shapes
+    # far above the 20% of guessing among five shapes; tiny-synth: issue 17's bar
+    assert accuracy >= {"tiny-synth": 0.85}.get(name, 0.4)
 
 
 def test_tiny_synth_siglip_is_a_map_head_model():
@@ -120,3 +133,11 @@ def test_bundled_model_explains_a_scene():
     result = model.explain(image, list(synth.SHAPES))
     assert result.maps.shape == (1, 5, 64, 64)
     assert torch.isfinite(result.maps).all()
+
+
+def test_the_pointing_game_reports_a_token_grid_oracle():
+    """An oracle map on the model's 8 x 8 grid (each token's share of the shape) points at
+    nearly every shape: the grid is not what limits a method's pointing."""
+    game = synth.pointing_game(clip_surgery.load("tiny-synth"), "raw", "test", 20)
+    assert 0.9 <= game["oracle"] <= 1 and game["oracle_large"] >= game["oracle"]
+    assert game["oracle"] > game["random"] + 0.5

@@ -473,7 +473,10 @@ def _input_components(session: DemoSession) -> list:
         ),
         gr.Radio(list(MODES), value=MODES[0], label="Texts are", elem_id="mode"),
         gr.Number(
-            _default_depth(), precision=0, label="depth (clip_surgery, gem)", elem_id="depth"
+            _default_depth(session.model),
+            precision=0,
+            label="depth (clip_surgery, gem)",
+            elem_id="depth",
         ),
         gr.Number(0, precision=0, label="input side (0: the model's own)", elem_id="size"),
     ]
@@ -510,9 +513,12 @@ def _control(item: OptionField):
     return gr.Number(item.default, precision=precision, label=label, elem_id=elem_id)
 
 
-def _default_depth() -> int:
-    """CLIP Surgery's default depth, from the catalog."""
-    return listing()["clip_surgery"]["options"]["depth"]
+def _default_depth(model: SurgeryModel) -> int:
+    """CLIP Surgery's default depth on ``model`` (6, or every block of a shallower ViT)."""
+    from .methods.common import PARALLEL_DEPTH, parallel_depth
+
+    blocks = len(model.backbone.vision.blocks)
+    return parallel_depth(None, blocks) if blocks else PARALLEL_DEPTH
 
 
 def _output_components() -> list:

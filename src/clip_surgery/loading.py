@@ -107,30 +107,47 @@ def _check_device(device) -> None:
 
 BUNDLED = ("tiny-synth", "tiny-synth-siglip")
 TINY_TIMM_TOWER = "tiny_synth_siglip_vit"
+TINY_REGISTER_TOWER = "tiny_synth_reg_vit"
 
 
 def register_bundled_towers() -> None:
-    """Register with timm the vision tower of tiny-synth-siglip (a 64 px ViT, 8 px patches,
-    width 128, 6 blocks of 2 heads, no CLS token, SigLIP's MAP pooling head)."""
+    """Register with timm the bundled models' vision towers: 64 px ViTs with an 8 px grid,
+    width 128, 6 blocks of 2 heads; ``tiny_synth_siglip_vit``: patchify embedding, no CLS token,
+    SigLIP's MAP pooling head; ``tiny_synth_reg_vit``: a convolutional stem
+    (``stem.ConvStem``), a CLS token and 4 register tokens (Darcet et al., "Vision Transformers
+    Need Registers", ICLR 2024)."""
     import timm
     from timm.models import register_model
-    from timm.models.vision_transformer import VisionTransformer
 
-    if TINY_TIMM_TOWER in timm.list_models(TINY_TIMM_TOWER):
+    if TINY_REGISTER_TOWER in timm.list_models(TINY_REGISTER_TOWER):
         return
 
-    def tiny_synth_siglip_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    def tiny_synth_siglip_vit(pretrained: bool = False, **kwargs):
         """tiny-synth-siglip's vision tower."""
-        settings = dict(img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=2)
-        settings.update(class_token=False, global_pool="map")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's, unused
-            kwargs.pop(key, None)
-        tower = VisionTransformer(**{**settings, **kwargs})
-        tower.pretrained_cfg = tower.default_cfg = {"input_size": (3, 64, 64)}  # what timm sets
-        return tower
+        return _tiny_tower(kwargs, class_token=False, global_pool="map")
+
+    def tiny_synth_reg_vit(pretrained: bool = False, **kwargs):
+        """A conv-stem ViT with CLS and register tokens."""
+        from .stem import ConvStemEmbed
+
+        return _tiny_tower(kwargs, reg_tokens=4, embed_layer=ConvStemEmbed, global_pool="token")
 
     tiny_synth_siglip_vit.__name__ = TINY_TIMM_TOWER
+    tiny_synth_reg_vit.__name__ = TINY_REGISTER_TOWER
     register_model(tiny_synth_siglip_vit)
+    register_model(tiny_synth_reg_vit)
+
+
+def _tiny_tower(kwargs: dict, **settings):
+    """A timm ``VisionTransformer`` of the bundled geometry with ``settings``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    geometry = dict(img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=2)
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's, unused
+        kwargs.pop(key, None)
+    tower = VisionTransformer(**{**geometry, **settings, **kwargs})
+    tower.pretrained_cfg = tower.default_cfg = {"input_size": (3, 64, 64)}  # what timm sets
+    return tower
 
 
 HUB_PREFIX = "hf-hub:"
@@ -152,9 +169,10 @@ def _load_bundled(name: str, device) -> SurgeryModel:
         )
     if name not in open_clip.list_models():
         open_clip.add_model_config(folder / f"{name}.json")
-    if name == "tiny-synth-siglip":
+    config = open_clip.get_model_config(name)  # registered above
+    if "timm_model_name" in config["vision_cfg"]:
         register_bundled_towers()
-    context = open_clip.get_model_config(name)["text_cfg"]["context_length"]  # registered above
+    context = config["text_cfg"]["context_length"]
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)  # CLIP's BPE, offline
     return _load_file(weights, name, device, quick_gelu=None, tokenizer=tokenizer)
 
@@ -494,6 +512,7 @@ def _load_file(path: Path, name: str | None, device, quick_gelu, tokenizer=None)
         use_quick = openai_style if quick_gelu is None else quick_gelu
         with _quiet_logging():  # "no pretrained weights loaded": we load them next
             model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick)
+        _install_stem(model, state_dict)
         _load_into(model, state_dict, f"{path} does not match {name}")
         label = f"{name}/{path.name}"
         mean, std = _named_normalization(name)
@@ -501,6 +520,21 @@ def _load_file(path: Path, name: str | None, device, quick_gelu, tokenizer=None)
     return SurgeryModel(
         model.to(device).eval(), tokenizer, name=label, source=path, mean=mean, std=std
     )
+
+
+def _install_stem(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Weights with a convolutional stem in place of a ViT's patchify ``conv1`` (tiny-synth's,
+    ``stem.ConvStem``): give the freshly built model that stem before they load."""
+    if "visual.conv1.0.weight" not in state_dict or not hasattr(model.visual, "conv1"):
+        return
+    from .stem import ConvStem
+
+    stem_keys = (key for key in state_dict if key.startswith("visual.conv1."))
+    layers = sorted({int(key.split(".")[2]) for key in stem_keys})
+    plain = [index for index in layers if f"visual.conv1.{index}.weight" in state_dict]
+    channels = tuple(state_dict[f"visual.conv1.{index}.weight"].shape[0] for index in plain[:-1])
+    mixing = len(layers) - len(plain)  # residual 3 x 3 convolutions (``conv1.<i>.conv``)
+    model.visual.conv1 = ConvStem(model.visual.conv1.out_channels, channels, mixing)
 
 
 def _check_finite(model: nn.Module, path: Path) -> None:

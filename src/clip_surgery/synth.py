@@ -1,13 +1,16 @@
 """Procedural captioned scenes with exact masks: the training data and benchmark of tiny-synth.
 
-Every scene is a pure function of its seed: 1-4 coloured, textured shapes (some overlapping) on
-a textured background ("stuff"), an exact label map (0 = background, then one class per shape
-category) and a caption in varied phrasings. Splits use disjoint seed ranges.
+Every scene is a pure function of its seed: one large and up to two small coloured, textured
+shapes (sizes set by area, so "the largest shape" is never a near tie; small ones may partly
+cover the large one) on a textured background ("stuff"), an exact label map (0 = background,
+then one class per shape category) and a caption in varied phrasings. Splits use disjoint seed
+ranges.
 
 ``make_scene(seed, variant=k)`` for ``k > 0`` renders the same scene (background, colours,
-textures, positions, sizes, angles, noise, caption wording) with other shape categories: groups
-of such variants in one training batch are hard negatives that colour, texture and layout alone
-cannot tell apart, so a contrastive model has to see shape (the idea of hard-negative batches as
+textures, positions, sizes, angles, noise, caption wording) with other shape categories (the
+large shape as each of the five for k = 0..4): groups of such variants in one training batch
+are hard negatives that colour, texture and layout alone cannot tell apart, so a contrastive
+model has to see shape (the idea of hard-negative batches as
 in Robinson et al., "Contrastive Learning with Hard Negative Samples", ICLR 2021; here the
 negatives are rendered, not mined).
 """
@@ -155,13 +158,24 @@ def _describe(obj: SceneObject, rng: np.random.Generator) -> str:
     return f"{article} {' '.join(words)}"
 
 
-def _caption(objects: list[SceneObject], background: str, rng: np.random.Generator) -> str:
-    """Names the k largest visible shapes, largest first; k uniform in 1..(visible count)."""
+def _caption(
+    objects: list[SceneObject], background: str, rng: np.random.Generator, every: bool = False
+) -> str:
+    """Names the k largest visible shapes, largest first; k uniform in 1..(visible count), or
+    every visible shape (``every``; the draw is made either way, so the wording is the same)."""
     ordered = [o for o in sorted(objects, key=lambda o: -o.pixels) if o.pixels > 0]
-    mentioned = ordered[: int(rng.integers(1, len(ordered) + 1))]
+    count = int(rng.integers(1, len(ordered) + 1))
+    mentioned = ordered if every else ordered[:count]
     parts = [_describe(o, rng) for o in mentioned]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    form = rng.integers(0, 5)
+    form = rng.integers(0, 6)
+    if form == 5:  # a prompt template's own wording, as web captions share it with prompts
+        from .text import default_templates
+
+        templates = default_templates()
+        template = templates[rng.integers(len(templates))]
+        bare = listing.split(" ", 1)[1]  # the template brings its own article
+        return template.replace("{}", bare)
     text = [
         f"{listing}",
         f"a picture of {listing}",
@@ -175,63 +189,101 @@ def _caption(objects: list[SceneObject], background: str, rng: np.random.Generat
 
 
 def _variant_shapes(drawn: list[int], seed: int, variant: int) -> list[int]:
-    """Other shape categories for the objects of scene ``seed`` (variant > 0), never ``drawn``.
+    """Other shape categories for the objects of scene ``seed`` (variant > 0).
 
-    Half of the variants permute the scene's own shapes among its objects when that changes
-    anything (so which shape is the larger one matters), the others draw new categories.
+    The large shape (drawn first) moves ``variant`` categories on, so variants 0-4 show it as
+    each of the five shapes; the small shapes get fresh categories.
     """
     rng = np.random.default_rng([seed, variant])
-    if len(set(drawn)) > 1 and rng.random() < 0.5:
-        while True:
-            shuffled = [drawn[i] for i in rng.permutation(len(drawn))]
-            if shuffled != drawn:
-                return shuffled
-    while True:
-        fresh = [int(v) for v in rng.integers(len(SHAPES), size=len(drawn))]
-        if fresh != drawn:
-            return fresh
+    small = [int(v) for v in rng.integers(len(SHAPES), size=len(drawn) - 1)]
+    return [(drawn[0] + variant) % len(SHAPES), *small]
 
 
-def make_scene(seed: int, variant: int = 0) -> Scene:
+# Area of each shape per squared radius (``_shape_mask``): a shape is drawn at the radius that
+# gives it the scene's chosen area, so "large" and "small" mean the same pixel counts for every
+# category, and the largest shape of a scene is never a near tie.
+AREA_PER_RADIUS2 = {
+    "circle": np.pi,
+    "ring": np.pi * (1 - 0.55**2),
+    "square": (2 * 0.85) ** 2,
+    "cross": 2 * (2 * 0.66) - 0.66**2,
+    "triangle": 3 * np.sqrt(3) * 0.5**2,
+}
+LARGE_AREA, SMALL_AREA = (420.0, 800.0), (110.0, 220.0)
+MAX_OBJECTS = 3
+
+
+def _reach(area: float) -> float:
+    """The farthest any category of this area reaches from its centre (the triangle's)."""
+    return float(np.sqrt(area / min(AREA_PER_RADIUS2.values())))
+
+
+def _place(areas: list[float], rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Centres for shapes of ``areas`` (the first one large): inside the picture, the small ones
+    off the large one's body (their equal-area circles at most touch), so occlusion stays
+    partial. A shape that finds no place in 40 tries is left out."""
+    centres: list[tuple[float, float]] = []
+    for area in areas:
+        margin = 0.75 * _reach(area)
+        for _ in range(40):
+            cy, cx = rng.uniform(margin, SIZE - margin, 2)
+            apart = all(
+                np.hypot(cy - y, cx - x) >= np.sqrt(area / np.pi) + np.sqrt(other / np.pi)
+                for (y, x), other in zip(centres, areas, strict=False)
+            )
+            if apart:
+                centres.append((float(cy), float(cx)))
+                break
+        else:
+            centres.append((np.nan, np.nan))
+    return centres
+
+
+def make_scene(seed: int, variant: int = 0, every_shape: bool = False) -> Scene:
     """The scene of ``seed``: deterministic image, labels and caption.
 
-    ``variant > 0``: the same scene with other shape categories (see the module docstring);
-    variant 0 is the scene itself.
+    One large shape and up to two small ones (areas ``LARGE_AREA`` / ``SMALL_AREA`` pixels),
+    coloured and textured, on a textured background, with mild noise. ``variant > 0``: the
+    same scene with other shape categories (see the module docstring); variant 0 is the scene
+    itself. ``every_shape``: the caption names every visible shape (else the k largest).
     """
     rng = np.random.default_rng(seed)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     image = _background(background, rng)
-    labels = np.zeros((SIZE, SIZE), np.uint8)
-    objects = []
-    owner = np.full((SIZE, SIZE), -1)
+    count = int(rng.integers(1, MAX_OBJECTS + 1))
+    areas = [rng.uniform(*LARGE_AREA)] + [rng.uniform(*SMALL_AREA) for _ in range(count - 1)]
+    centres = _place(areas, rng)
     drawn = []  # the random stream never depends on a shape's category, so swapping is exact
-    for _ in range(int(rng.integers(1, 5))):
+    for index, (area, (cy, cx)) in enumerate(zip(areas, centres, strict=True)):
         shape = int(rng.integers(len(SHAPES)))
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         texture = TEXTURES[rng.integers(len(TEXTURES))]
-        large = rng.random() < 0.5
-        radius = rng.uniform(12, 17) if large else rng.uniform(6.5, 10)
-        cy, cx = rng.uniform(radius * 0.7, SIZE - radius * 0.7, 2)
         angle = rng.uniform(0, np.pi)
         fill = _texture(texture, np.array(COLOURS[colour], np.float32), rng)
-        drawn.append((shape, colour, texture, large, radius, cy, cx, angle, fill))
+        if not np.isnan(cy):
+            drawn.append((shape, colour, texture, index == 0, area, cy, cx, angle, fill))
     shapes = [d[0] for d in drawn]
     if variant:
         shapes = _variant_shapes(shapes, seed, variant)
-    for index, (shape, (_, colour, texture, large, radius, cy, cx, angle, fill)) in enumerate(
+    labels = np.zeros((SIZE, SIZE), np.uint8)
+    owner = np.full((SIZE, SIZE), -1)
+    objects = []
+    for index, (shape, (_, colour, texture, large, area, cy, cx, angle, fill)) in enumerate(
         zip(shapes, drawn, strict=True)
     ):
-        mask = _shape_mask(SHAPES[shape], cy, cx, radius, angle)
+        name = SHAPES[shape]
+        mask = _shape_mask(name, cy, cx, np.sqrt(area / AREA_PER_RADIUS2[name]), angle)
         image = np.where(mask[..., None], fill, image)
         labels[mask] = shape + 1
         owner[mask] = index
-        objects.append(SceneObject(SHAPES[shape], colour, texture, "large" if large else "small"))
+        objects.append(SceneObject(name, colour, texture, "large" if large else "small"))
     for index, obj in enumerate(objects):
         obj.pixels = int((owner == index).sum())
     objects = [o for o in objects if o.pixels > 0] or objects
     noise = rng.normal(0, 6, image.shape)
     picture = np.clip(image + noise, 0, 255).astype(np.uint8)
-    return Scene(picture, labels, _caption(objects, background, rng), objects, background)
+    caption = _caption(objects, background, rng, every_shape)
+    return Scene(picture, labels, caption, objects, background)
 
 
 def scenes(split: str, count: int, start: int = 0) -> list[Scene]:
@@ -301,15 +353,18 @@ def pointing_game(
     the maps of ``clip_surgery.features.similarity_map`` at the scene's size) scores a hit when
     its peak pixel lies on that category's exact mask (``eval.metrics.pointing_hits``). Returns
     the hit rate over all (scene, shape) pairs, over pairs of at least ``min_pixels`` visible
-    pixels (``large``), the expected rate of a uniformly random point (``random``), the share of
-    peaks on the background (``background_peak``) and the pair counts.
+    pixels (``large``), the expected rate of a uniformly random point (``random``), the rate of
+    an oracle map on the same token grid (``oracle``: each token's share of the shape's pixels,
+    turned into a map the same way), the share of peaks on the background (``background_peak``)
+    and the pair counts.
     """
     import torch
+    import torch.nn.functional as F
 
     from .eval.metrics import pointing_hits
     from .features import similarity_map
 
-    hits, sizes, background, chance = [], [], [], []
+    hits, sizes, background, chance, oracle = [], [], [], [], []
     for begin in range(0, count, batch):
         chunk = scenes(split, min(batch, count - begin), start=begin)
         images = torch.stack([_to_input(model, s.image) for s in chunk])
@@ -321,6 +376,9 @@ def pointing_game(
             heatmaps = scene_maps[[c - 1 for c in present]]
             masks = torch.stack([labels == c for c in present])
             hits += pointing_hits(heatmaps, masks).tolist()
+            shares = F.adaptive_avg_pool2d(masks[None].float(), result.grid)[0]
+            best = similarity_map(shares.flatten(1).T[None], (SIZE, SIZE), result.grid)[0]
+            oracle += pointing_hits(best, masks).tolist()
             background += pointing_hits(heatmaps, (labels == 0).expand_as(masks)).tolist()
             sizes += masks.sum(dim=(1, 2)).tolist()
             chance += (masks.double().mean(dim=(1, 2))).tolist()
@@ -332,6 +390,8 @@ def pointing_game(
         "large": float(hits_array[large].mean()),
         "random": float(np.mean(chance)),
         "random_large": float(np.array(chance)[large].mean()),
+        "oracle": float(np.mean(oracle)),
+        "oracle_large": float(np.array(oracle)[large].mean()),
         "background_peak": float(np.mean(background)),
         "pairs": int(len(hits)),
         "large_pairs": int(large.sum()),

@@ -73,6 +73,13 @@ FAMILIES = (
         "hf-hub:google/siglip-..., save_pretrained folders, SiglipModel objects (extra [hf]; "
         "SigLIP's tokenizer files or tokenizer=)",
     ),
+    Family(
+        "open_clip ViT (avg pool)",
+        True,
+        False,
+        False,
+        "open_clip ViT configs with pool_type 'avg' (tiny-synth): names, files, folders",
+    ),
 )
 
 

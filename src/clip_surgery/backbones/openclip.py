@@ -20,11 +20,11 @@ from ..images import OPENAI_MEAN, OPENAI_STD
 from ..text import PromptTokenizer
 from ..typedefs import Grid, PositionMode
 from .base import Attention, AttentionContext, Backbone
-from .common import ClsHead, interpolate_positions, merge_heads, sdpa, split_heads
+from .common import ClsHead, MeanHead, interpolate_positions, merge_heads, sdpa, split_heads
 
 SUPPORTED = (
-    "open_clip VisionTransformer (CLS pooling) and ModifiedResNet towers, and timm ViT / Eva "
-    "towers (SigLIP, SigLIP 2, EVA-02)"
+    "open_clip VisionTransformer (CLS or average pooling) and ModifiedResNet towers, and timm "
+    "ViT / Eva towers (SigLIP, SigLIP 2, EVA-02)"
 )
 CLIP_VOCABULARY = 49408  # CLIP's BPE (open_clip's SimpleTokenizer)
 
@@ -65,7 +65,7 @@ class OpenClipBlock:
 
 
 class OpenClipViT:
-    """open_clip ``VisionTransformer`` with CLS pooling and a projection."""
+    """open_clip ``VisionTransformer`` with CLS or average pooling and a projection."""
 
     prefix = 1
 
@@ -73,7 +73,8 @@ class OpenClipViT:
         _check_vit(visual)
         self.visual = visual
         self.blocks = [OpenClipBlock(block) for block in visual.transformer.resblocks]
-        self.head = ClsHead(visual.ln_post, self._project)
+        head = MeanHead if visual.pool_type == "avg" else ClsHead
+        self.head = head(visual.ln_post, self._project)
         self.native_size = _pair(visual.image_size)
         self.min_size = max(_pair(visual.patch_size))
 
@@ -83,7 +84,7 @@ class OpenClipViT:
     def embed(self, images: Tensor, positions: PositionMode) -> tuple[Tensor, Grid]:
         """Patch embedding, CLS, interpolated positions and ``ln_pre``."""
         visual = self.visual
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))
+        x = visual.conv1(images.to(next(visual.conv1.parameters()).dtype))  # a conv or a stem
         batch, _, rows, cols = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(batch, 1, -1)
@@ -95,10 +96,13 @@ class OpenClipViT:
 
 
 def _check_vit(visual: VisionTransformer) -> None:
-    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.proj is None:
+    pools = visual.pool_type == "tok" or (
+        visual.pool_type == "avg" and not visual.final_ln_after_pool
+    )
+    if visual.attn_pool is not None or not pools or visual.proj is None:
         raise ModelError(
-            "unsupported open_clip ViT: clip-surgery needs CLS-token pooling and a projection "
-            "(no attentional pooler)"
+            "unsupported open_clip ViT: clip-surgery needs CLS-token or average pooling (norm "
+            "before the pool) and a projection (no attentional pooler)"
         )
     for block in visual.transformer.resblocks:
         if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
@@ -297,7 +301,8 @@ def _vision(visual: nn.Module):
     if isinstance(visual, ModifiedResNet):
         return OpenClipResNet(visual), "open_clip ModifiedResNet"
     if isinstance(visual, VisionTransformer):
-        return OpenClipViT(visual), "open_clip ViT"
+        suffix = " (avg pool)" if visual.pool_type == "avg" else ""
+        return OpenClipViT(visual), "open_clip ViT" + suffix
     if type(visual).__name__ == "TimmModel":
         from . import openclip_timm
 

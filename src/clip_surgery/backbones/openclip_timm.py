@@ -240,7 +240,7 @@ class TimmTower:
     def embed(self, images: Tensor, positions: PositionMode) -> tuple[Tensor, Grid]:
         """Patch embedding, prefix tokens, resized absolute positions, ``norm_pre``."""
         trunk, patch = self.trunk, self.trunk.patch_embed
-        x = patch.proj(images.to(patch.proj.weight.dtype))
+        x = patch.proj(images.to(next(patch.proj.parameters()).dtype))  # a conv or a stem
         grid = (x.shape[-2], x.shape[-1])
         x = patch.norm(x.flatten(2).transpose(1, 2))
         prefix = [

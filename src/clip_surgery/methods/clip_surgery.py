@@ -18,18 +18,20 @@ from ..errors import OptionError
 from ..features import feature_surgery
 from ..typedefs import PositionMode
 from .base import ForwardMethod, Scores, TextQuery, pairwise
+from .common import PARALLEL_DEPTH, parallel_depth
 
 
 @dataclass(frozen=True)
 class ClipSurgeryOptions:
-    """depth: blocks with the new path; attention: v-v (paper) or q-k/k-k/q-q (ablation);
+    """depth: blocks with the new path (``None``: the paper's 6, or every block of a shallower
+    model); attention: v-v (paper) or q-k/k-k/q-q (ablation);
     ffn: also run each block's FFN on the new path (ablation); feature_surgery: ``auto``
     (class set, or the empty-string redundancy for free-form queries), ``classes``,
     ``redundant``, ``off``; weighting: class-set weights from the ``cls`` token (the
     reference's code) or every ``token`` (its first commit); positions: positional-table
     interpolation."""
 
-    depth: int = 6
+    depth: int | None = None
     attention: Literal["vv", "qk", "kk", "qq"] = "vv"
     ffn: bool = False
     feature_surgery: Literal["auto", "classes", "redundant", "off"] = "auto"
@@ -37,11 +39,11 @@ class ClipSurgeryOptions:
     positions: PositionMode = "bilinear"
 
     def __post_init__(self) -> None:
-        if self.depth < 0:
+        if self.depth is not None and self.depth < 0:
             raise ValueError(f"option depth must be >= 0, got {self.depth}")
 
 
-DEFAULT_DEPTH = ClipSurgeryOptions.depth
+DEFAULT_DEPTH = PARALLEL_DEPTH
 
 
 class ClipSurgery(ForwardMethod):
@@ -61,15 +63,16 @@ class ClipSurgery(ForwardMethod):
         on a tower without blocks (ResNet), the attention pool's dense tokens use the attention."""
         attention = pairwise(options.attention)
         if not tower.blocks:
-            head = attention if options.depth else None
+            head = attention if options.depth != 0 else None
             return engine.Plan(head_attention=head, positions=options.positions)
-        if options.depth > len(tower.blocks):
+        depth = parallel_depth(options.depth, len(tower.blocks))
+        if depth > len(tower.blocks):
             raise OptionError(
                 f"option depth of 'clip_surgery' must be in [0, {len(tower.blocks)}] for this "
-                f"model, got {options.depth}"
+                f"model, got {depth}"
             )
         return engine.Plan(
-            blocks=options.depth,
+            blocks=depth,
             attention=attention,
             parallel=True,
             ffn=options.ffn,

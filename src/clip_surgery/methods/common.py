@@ -15,6 +15,7 @@ from ..errors import OptionError
 from .base import Scores
 
 REFERENCE_DEPTH = 12  # ViT-B/16: the depth the papers' layer indices are given for
+PARALLEL_DEPTH = 6  # CLIP Surgery's and GEM's parallel path: the last 6 blocks in both papers
 
 
 def run_plan(backbone: Backbone, images: Tensor, plan: engine.Plan) -> engine.Trace:
@@ -35,11 +36,18 @@ def probabilities(q: Tensor, k: Tensor) -> Tensor:
     return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
 
 
-def layer(index: int | None, paper: int, depth: int) -> int:
-    """``index``, or the paper's ViT-B/16 block ``paper`` at the same relative depth."""
+def layer(index: int | None, paper: int, depth: int, highest: int | None = None) -> int:
+    """``index``, or the paper's ViT-B/16 block ``paper`` at the same relative depth (at most
+    ``highest``: on a shallow model two relative depths can round past the last valid block)."""
     if index is not None:
         return index
-    return math.floor(paper * depth / REFERENCE_DEPTH + 0.5)
+    mapped = math.floor(paper * depth / REFERENCE_DEPTH + 0.5)
+    return mapped if highest is None else max(0, min(mapped, highest))
+
+
+def parallel_depth(depth: int | None, blocks: int) -> int:
+    """``depth``, or the papers' 6 blocks (every block of a model with fewer)."""
+    return min(PARALLEL_DEPTH, blocks) if depth is None else depth
 
 
 def check_range(method: str, name: str, value: int, low: int, high: int) -> None:

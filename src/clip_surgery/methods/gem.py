@@ -16,14 +16,16 @@ from .. import engine
 from ..errors import OptionError
 from ..typedefs import PositionMode
 from .base import ForwardMethod
+from .common import parallel_depth
 
 
 @dataclass(frozen=True)
 class GemOptions:
-    """depth: blocks with the GEM path; iterations: self-self refinement steps; temperature:
+    """depth: blocks with the GEM path (``None``: the paper's 6, or every block of a shallower
+    model); iterations: self-self refinement steps; temperature:
     inverse temperature (``None``: mean token norm / sqrt(head dim), as GEM's code)."""
 
-    depth: int = 6
+    depth: int | None = None
     iterations: int = 1
     temperature: float | None = None
     positions: PositionMode = "bicubic-antialias"
@@ -62,17 +64,18 @@ class Gem(ForwardMethod):
 
     def plan(self, options: GemOptions, tower) -> engine.Plan:
         """A parallel path with self-self attention whose CLS is its own."""
-        if not 1 <= options.depth <= len(tower.blocks):
+        depth = parallel_depth(options.depth, len(tower.blocks))
+        if not 1 <= depth <= len(tower.blocks):
             raise OptionError(
                 f"option depth of 'gem' must be in [1, {len(tower.blocks)}] for this model, "
-                f"got {options.depth}"
+                f"got {depth}"
             )
 
         def attention(q, k, v, context):
             return self_self(q, k, v, context.normed, options.iterations, options.temperature)
 
         return engine.Plan(
-            blocks=options.depth,
+            blocks=depth,
             attention=attention,
             parallel=True,
             ffn=False,

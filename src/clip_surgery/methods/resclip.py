@@ -109,8 +109,8 @@ class Resclip(ForwardMethod):
         """The plan: a tap averages the RCS blocks' attention; the last block's callable
         runs the first (feedback) pass and the final one."""
         count = len(tower.blocks)
-        first = layer(options.rcs_first, 5, count)
-        last = layer(options.rcs_last, 8, count)
+        first = layer(options.rcs_first, 5, count, highest=count - 2)
+        last = layer(options.rcs_last, 8, count, highest=count - 2)
         if options.rcs:
             check_range(self.name, "rcs_first", first, 0, count - 2)
             check_range(self.name, "rcs_last", last, first, count - 2)

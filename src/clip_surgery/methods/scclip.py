@@ -99,10 +99,10 @@ class Scclip(ForwardMethod):
     def layers(self, options: ScclipOptions, depth: int) -> Layers:
         """Block indices for a model of ``depth`` blocks (checked)."""
         chosen = Layers(
-            layer(options.pre_adjust, 8, depth),
-            layer(options.post_adjust, 3, depth),
-            layer(options.multi_start, 3, depth),
-            layer(options.multi_end, 10, depth),
+            layer(options.pre_adjust, 8, depth, highest=depth - 2),
+            layer(options.post_adjust, 3, depth, highest=depth - 2),
+            layer(options.multi_start, 3, depth, highest=depth - 2),
+            layer(options.multi_end, 10, depth, highest=depth - 1),
         )
         check_range(self.name, "pre_adjust", chosen.pre, 0, depth - 2)
         check_range(self.name, "post_adjust", chosen.post, 0, depth - 2)

@@ -1,0 +1,70 @@
+"""The training script of tiny-synth: seeded, resumable, prints progress, writes what it says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import clip_surgery
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "--stem", "conv", "--pool", "avg", "--layers", "1", "--width", "64", "--head-width", "32",
+    "--steps", "4", "--batch-size", "10", "--group", "5", "--warmup", "1", "--workers", "0",
+    "--eval-count", "10", "--pointing-count", "4", "--log-every", "1",
+]  # fmt: skip
+
+
+def train(out: Path, *extra: str) -> str:
+    """Run the script; its standard output and error."""
+    command = [sys.executable, str(ROOT / "scripts/train_tiny_synth.py"), "--out", str(out)]
+    done = subprocess.run(
+        [*command, *SMALL, *extra], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr
+
+
+def test_a_run_stopped_and_resumed_gives_the_uninterrupted_runs_weights(tmp_path):
+    """Four steps in one go, and one step stopped by ``--max-minutes`` then resumed from its
+    ``checkpoint.pt``: bit-identical fp16 weights (seeded batches, restored optimizer)."""
+    log = train(tmp_path / "whole")
+    assert "step 4/4" in log
+    train(tmp_path / "part", "--max-minutes", "0.00001")
+    stopped = json.loads((tmp_path / "part/tiny-synth.metrics.json").read_text())
+    assert stopped["reached_step"] == 1 and not stopped["finished"]
+    train(tmp_path / "part", "--resume", str(tmp_path / "part/checkpoint.pt"))
+    whole = load_file(tmp_path / "whole/tiny-synth.safetensors")
+    resumed = load_file(tmp_path / "part/tiny-synth.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    metrics = json.loads((tmp_path / "whole/tiny-synth.metrics.json").read_text())
+    assert metrics["finished"] and metrics["pool"] == "avg" and metrics["stem"] == "conv"
+    assert 0 <= metrics["val_zero_shot"] <= 1 and "val_pointing_clip_surgery" in metrics
+
+
+def test_the_written_model_loads_as_an_average_pooled_vit_with_its_stem(tmp_path):
+    """The config and fp16 weights it writes load through ``clip_surgery.load`` (stem
+    installed, average pooling) and give the saved model's image embedding."""
+    train(tmp_path / "run", "--steps", "1")
+    config = json.loads((tmp_path / "run/tiny-synth.json").read_text())
+    assert config["vision_cfg"]["pool_type"] == "avg" and config["vision_cfg"]["layers"] == 1
+    (tmp_path / "run/train-test-tiny.json").write_text(json.dumps(config))
+    import open_clip
+
+    open_clip.add_model_config(tmp_path / "run/train-test-tiny.json")
+    model = clip_surgery.load(
+        "train-test-tiny", pretrained=str(tmp_path / "run/tiny-synth.safetensors")
+    )
+    assert type(model.backbone.vision.head).__name__ == "MeanHead"
+    assert len(model.backbone.vision.visual.conv1) == 7  # 3 x (conv, GELU) and the 1 x 1
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.clip.encode_image(images)
+    encoded = model.encode(images, "raw")
+    assert torch.allclose(encoded.pooled, expected, atol=1e-5)
