@@ -3,8 +3,10 @@
 A CLIP: image-text contrastive training only, on procedurally generated captioned scenes
 (``clip_surgery.synth``); no mask or class label enters the loss. The recipe:
 
-- the architecture of the package's ``tiny-synth.json`` (64 px input) unless overridden
-  (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); the patch embedding a
+- the sizes of the package's ``tiny-synth.json`` (64 px input) unless overridden
+  (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); the patch embedding and the
+  pooling come from the command line, not from that file (the shipped model: ``--stem conv``,
+  ``--pool tok`` then ``--pool avg``, see below); the patch embedding a
   patchify convolution or a convolutional stem (``--stem conv``, ``stem.ConvStem``, optionally
   with ``--stem-mixing`` residual convolutions); the image embedding the CLS token or the mean
   of the patch tokens (``--pool``); a finer token grid for the end of training: resuming 8
@@ -92,9 +94,13 @@ def build_model(
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**config)
     if stem == "conv":
-        from clip_surgery.stem import ConvStem
+        from clip_surgery.stem import STEM_CHANNELS, ConvStem
 
-        model.visual.conv1 = ConvStem(model.visual.conv1.out_channels, mixing=mixing)
+        convs = int(math.log2(config["vision_cfg"]["patch_size"]))  # stride = patch size
+        if not 1 <= convs <= len(STEM_CHANNELS):
+            raise SystemExit(f"--stem conv takes patch sizes 2 to {2 ** len(STEM_CHANNELS)}")
+        channels = STEM_CHANNELS[len(STEM_CHANNELS) - convs :]
+        model.visual.conv1 = ConvStem(model.visual.conv1.out_channels, channels, mixing)
     trunk = getattr(model.visual, "trunk", None)
     if trunk is not None:  # a timm tower: its table may also hold CLS and register rows
         table, prefix = trunk.pos_embed[0], 0 if trunk.no_embed_class else trunk.num_prefix_tokens

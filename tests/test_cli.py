@@ -77,7 +77,7 @@ def test_explain_writes_overlays_grid_and_json(tmp_path, images, vit_checkpoint,
     assert report["settings"] == {
         "size": 224,
         "single": False,
-        "depth": None,
+        "depth": 6,  # the default (None) as it ran on this 8-block ViT
         "attention": "vv",
         "ffn": False,
         "feature_surgery": "auto",

@@ -236,10 +236,17 @@ def test_a_shallow_model_gets_defaults_within_its_blocks():
         "scclip": {"pre_adjust": 1, "post_adjust": 1, "multi_start": 1, "multi_end": 2},
     }
     for name, values in explicit.items():
-        default = explain(shallow, images, name).similarity
-        assert torch.equal(default, explain(shallow, images, name, **values).similarity), name
+        default = explain(shallow, images, name)
+        assert torch.equal(default.similarity, explain(shallow, images, name, **values).similarity)
+        ran = default.options  # what ran, as result files state it
+        assert {key: getattr(ran, key) for key in values} == values, name
     with pytest.raises(OptionError, match=r"depth of 'clip_surgery' must be in \[0, 3\]"):
         explain(shallow, images, "clip_surgery", depth=6)
     with pytest.raises(OptionError, match=r"rcs_last of 'resclip' must be in \[1, 1\]"):
         explain(shallow, images, "resclip", rcs_last=2)
     assert [layer(None, paper, 12, highest=10) for paper in (3, 5, 8, 10)] == [3, 5, 8, 10]
+    single = clip_surgery.wrap(make_vit(74, layers=1))
+    for name in ("resclip", "scclip"):
+        with pytest.raises(OptionError, match=f"{name}.*needs 2 or more"):
+            explain(single, images, name)
+    assert explain(single, images, "clip_surgery").similarity.shape[-1] == len(TEXTS)

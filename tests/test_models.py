@@ -245,8 +245,7 @@ def test_an_average_pooled_vit_gives_its_own_embedding_and_maps():
 
     from clip_surgery import backbones, methods
 
-    # 10 blocks: ResCLIP's block defaults (5 and 8) need them
-    vision = {"image_size": 64, "layers": 10, "width": 64, "patch_size": 8, "pool_type": "avg"}
+    vision = {"image_size": 64, "layers": 4, "width": 64, "patch_size": 8, "pool_type": "avg"}
     torch.manual_seed(0)
     model = perturb(open_clip.model.CLIP(EMBED_DIM, vision, TEXT_CFG), 2).eval()
     wrapped = clip_surgery.wrap(model)
@@ -269,3 +268,13 @@ def test_an_average_pooled_vit_gives_its_own_embedding_and_maps():
     vision["final_ln_after_pool"] = True
     with pytest.raises(ModelError, match="average pooling"):
         clip_surgery.wrap(open_clip.model.CLIP(EMBED_DIM, vision, TEXT_CFG))
+
+
+def test_a_conv_stem_file_without_its_model_name_is_refused_with_advice():
+    """A bare weights file cannot show a convolutional stem (nor average pooling): a clear error
+    naming the fix, not a misleading 'incomplete checkpoint'."""
+    from importlib.resources import files
+
+    weights = files("clip_surgery").joinpath("data/models/tiny-synth.safetensors")
+    with pytest.raises(ModelError, match="convolutional stem.*load\\('tiny-synth'"):
+        clip_surgery.load(str(weights))

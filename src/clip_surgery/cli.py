@@ -557,7 +557,9 @@ def run_explain(args: argparse.Namespace) -> int:
     records = [record for _, record in sorted(everyone, key=lambda pair: pair[0])]
     free_form = any(flag for _, flag in gathered)  # a process without images kept --single
     settings = {"size": args.size or model.native_size, "single": args.single}
-    settings.update(dataclasses.asdict(parsed))
+    settings.update(
+        dataclasses.asdict(get_method(args.method).resolved(parsed, model.backbone.vision))
+    )
     mode = "free-form" if free_form else "class-set"
     seconds = round(time.perf_counter() - started, 3)
     summary = report(model, args.method, mode, settings, records, seconds)

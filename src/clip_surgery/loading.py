@@ -614,6 +614,12 @@ def _infer_vision(sd: dict[str, torch.Tensor], tower: str) -> CLIPVisionCfg:
 
     if tower == "ViT":
         sd["visual.proj"]  # noqa: B018 - a ViT checkpoint without its projection is incomplete
+        if "visual.conv1.0.weight" in sd:  # neither the stem nor the pooling shows in the shapes
+            raise ModelError(
+                "a ViT checkpoint with a convolutional stem (as tiny-synth's): its architecture "
+                "cannot be inferred from the file; pass its open_clip model name too: "
+                "load('tiny-synth', pretrained='file.safetensors')"
+            )
         width, _, patch, _ = sd["visual.conv1.weight"].shape
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         prefix = "visual.transformer.resblocks."

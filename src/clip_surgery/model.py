@@ -379,7 +379,7 @@ class SurgeryModel:
             scores.cosine,
             probs,
             chosen.name,
-            parsed,
+            chosen.resolved(parsed, self.backbone.vision),  # what ran: model-dependent defaults
             free_form,
             as_hw(output_size or tuple(batch.shape[-2:]), limit=None),
         )

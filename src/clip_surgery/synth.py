@@ -162,7 +162,7 @@ def _caption(
     objects: list[SceneObject], background: str, rng: np.random.Generator, every: bool = False
 ) -> str:
     """Names the k largest visible shapes, largest first; k uniform in 1..(visible count), or
-    every visible shape (``every``; the draw is made either way, so the wording is the same)."""
+    every visible shape (``every``; k is drawn either way)."""
     ordered = [o for o in sorted(objects, key=lambda o: -o.pixels) if o.pixels > 0]
     count = int(rng.integers(1, len(ordered) + 1))
     mentioned = ordered if every else ordered[:count]

@@ -78,7 +78,8 @@ FAMILIES = (
         True,
         False,
         False,
-        "open_clip ViT configs with pool_type 'avg' (tiny-synth): names, files, folders",
+        "open_clip ViT configs with pool_type 'avg' (tiny-synth): the model name (+ a weights "
+        "file) or a folder with its open_clip config; a bare weights file cannot show the pooling",
     ),
 )
 
@@ -114,8 +115,8 @@ def adapt(module: nn.Module, tokenizer=None, **normalization) -> Backbone:
     if not openclip.matches(module):
         raise ModelError(
             f"unsupported model {type(module).__name__}: clip-surgery runs open_clip CLIP models "
-            "(ViT with CLS pooling, ModifiedResNet, timm SigLIP and EVA towers) and transformers "
-            "CLIPModel and SiglipModel"
+            "(ViT with CLS or average pooling, ModifiedResNet, timm SigLIP and EVA towers) and "
+            "transformers CLIPModel and SiglipModel"
         )
     return openclip.build(module, tokenizer, **normalization)
 

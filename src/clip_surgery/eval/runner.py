@@ -89,7 +89,7 @@ def _header(model, dataset: str, method: str, options, root, limit) -> dict:
         "split": _split(dataset),
         "limit": limit,
         "method": method,
-        "options": asdict(options),
+        "options": asdict(methods.get(method).resolved(options, model.backbone.vision)),
         "model": model.name,
         "weights": model.weights_hash,
     }

@@ -94,6 +94,11 @@ class Method:
         """This method's options; strings (from the CLI) are converted to the field types."""
         return parse_options(self.Options, values, self.name)
 
+    def resolved(self, options, tower):
+        """``options`` with each model-dependent default (``None``) replaced by what runs on
+        ``tower`` (a block count, block indices), for result files to state."""
+        return options
+
     needs_cls_token: ClassVar[bool] = False  # reads a CLS token's own row or value
     needs_plain_positions: ClassVar[bool] = False  # computes q/k itself: no rotary towers
 

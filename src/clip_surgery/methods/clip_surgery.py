@@ -7,7 +7,7 @@ What is computed: docs/method.md, sections 2-4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -57,6 +57,12 @@ class ClipSurgery(ForwardMethod):
     )
     needs_blocks = False
     Options = ClipSurgeryOptions
+
+    def resolved(self, options: ClipSurgeryOptions, tower) -> ClipSurgeryOptions:
+        """The depth that runs on ``tower`` (a ResNet's head keeps ``None``: on)."""
+        if not tower.blocks:
+            return options
+        return replace(options, depth=parallel_depth(options.depth, len(tower.blocks)))
 
     def plan(self, options: ClipSurgeryOptions, tower) -> engine.Plan:
         """A parallel path over the last ``depth`` blocks, the embedding from the original path;

@@ -42,7 +42,7 @@ def layer(index: int | None, paper: int, depth: int, highest: int | None = None)
     if index is not None:
         return index
     mapped = math.floor(paper * depth / REFERENCE_DEPTH + 0.5)
-    return mapped if highest is None else max(0, min(mapped, highest))
+    return mapped if highest is None else min(mapped, highest)
 
 
 def parallel_depth(depth: int | None, blocks: int) -> int:

@@ -7,7 +7,7 @@ blocks; ``ss_attn_iter=1``; temperature from the mean token norm when not given)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,10 @@ class Gem(ForwardMethod):
         "Properties in Vision-Language Transformers, CVPR 2024"
     )
     Options = GemOptions
+
+    def resolved(self, options: GemOptions, tower) -> GemOptions:
+        """The depth that runs on ``tower``."""
+        return replace(options, depth=parallel_depth(options.depth, len(tower.blocks)))
 
     def plan(self, options: GemOptions, tower) -> engine.Plan:
         """A parallel path with self-self attention whose CLS is its own."""

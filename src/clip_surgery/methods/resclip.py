@@ -30,14 +30,14 @@ RCS only when ``sfr=False``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import engine
-from ..errors import ModelError
+from ..errors import ModelError, OptionError
 from ..refine import pamr
 from ..typedefs import Grid, PositionMode
 from .base import ForwardMethod, Scores, TextQuery
@@ -105,10 +105,22 @@ class Resclip(ForwardMethod):
         plan = self.full_plan(options, backbone.vision, images, query.embeddings)
         return cosine_scores(run_plan(backbone, images, plan), query.embeddings)
 
+    def resolved(self, options: ResclipOptions, tower) -> ResclipOptions:
+        """The RCS blocks that run on ``tower``."""
+        count = len(tower.blocks)
+        if not options.rcs or count < 2:
+            return options
+        first = layer(options.rcs_first, 5, count, highest=count - 2)
+        return replace(
+            options, rcs_first=first, rcs_last=layer(options.rcs_last, 8, count, highest=count - 2)
+        )
+
     def full_plan(self, options: ResclipOptions, tower, images, text) -> engine.Plan:
         """The plan: a tap averages the RCS blocks' attention; the last block's callable
         runs the first (feedback) pass and the final one."""
         count = len(tower.blocks)
+        if options.rcs and count < 2:
+            raise OptionError("resclip's RCS reads blocks before the last: it needs 2 or more")
         first = layer(options.rcs_first, 5, count, highest=count - 2)
         last = layer(options.rcs_last, 8, count, highest=count - 2)
         if options.rcs:

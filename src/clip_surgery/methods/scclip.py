@@ -27,13 +27,14 @@ of 30 patches or fewer; block indices given for other depths are the same relati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import engine
+from ..errors import OptionError
 from ..typedefs import Grid, PositionMode
 from .base import ForwardMethod, Scores, TextQuery
 from .common import check_range, cosine_scores, layer
@@ -96,8 +97,21 @@ class Scclip(ForwardMethod):
         """The model's own forward, recording block outputs (``encode`` does the rest)."""
         return engine.Plan(positions=options.positions)
 
+    def resolved(self, options: ScclipOptions, tower) -> ScclipOptions:
+        """The block indices that run on ``tower``."""
+        chosen = self.layers(options, len(tower.blocks))
+        return replace(
+            options,
+            pre_adjust=chosen.pre,
+            post_adjust=chosen.post,
+            multi_start=chosen.start,
+            multi_end=chosen.end,
+        )
+
     def layers(self, options: ScclipOptions, depth: int) -> Layers:
         """Block indices for a model of ``depth`` blocks (checked)."""
+        if depth < 2:
+            raise OptionError("scclip reads blocks before the last: it needs 2 or more")
         chosen = Layers(
             layer(options.pre_adjust, 8, depth, highest=depth - 2),
             layer(options.post_adjust, 3, depth, highest=depth - 2),
