@@ -514,11 +514,13 @@ def _control(item: OptionField):
 
 
 def _default_depth(model: SurgeryModel) -> int:
-    """CLIP Surgery's default depth on ``model`` (6, or every block of a shallower ViT)."""
-    from .methods.common import PARALLEL_DEPTH, parallel_depth
+    """CLIP Surgery's default depth on ``model`` (6, or every block of a shallower ViT; a
+    ResNet's depth only switches its head's attention on: 6)."""
+    from .methods.common import PARALLEL_DEPTH
 
-    blocks = len(model.backbone.vision.blocks)
-    return parallel_depth(None, blocks) if blocks else PARALLEL_DEPTH
+    method = methods.get("clip_surgery")
+    depth = method.resolved(method.options(), model.backbone.vision).depth
+    return PARALLEL_DEPTH if depth is None else depth
 
 
 def _output_components() -> list:

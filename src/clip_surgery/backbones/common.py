@@ -82,28 +82,17 @@ class ClsHead:
         return self.project(self.norm(x[:, self.prefix :]))
 
 
-class MeanHead:
+class MeanHead(ClsHead):
     """Average pooling: the embedding is ``project(mean(norm(patch tokens)))`` (open_clip's
     ``pool_type="avg"``, norm before the pool); each patch token's feature is
-    ``project(norm(token))``, so the embedding is the mean of the dense features."""
+    ``project(norm(token))`` as in ``ClsHead``, so the embedding is the mean of the dense
+    features."""
 
     pools_first_token = False
-    attentive = False
-
-    def __init__(self, norm: nn.Module, project: Callable[[Tensor], Tensor], prefix: int = 1):
-        self.norm = norm
-        self.project = project
-        self.prefix = prefix
 
     def pool(self, x: Tensor, grid: Grid, positions: PositionMode) -> Tensor:
         """``project(mean(norm(patch tokens)))``."""
         return self.project(self.norm(x[:, self.prefix :]).mean(dim=1))
-
-    def dense(
-        self, x: Tensor, grid: Grid, positions: PositionMode, attention: Attention | None
-    ) -> Tensor:
-        """``project(norm(token))`` for every patch token."""
-        return self.project(self.norm(x[:, self.prefix :]))
 
 
 class LatentPoolHead:

@@ -71,7 +71,7 @@ class ClipSurgery(ForwardMethod):
         if not tower.blocks:
             head = attention if options.depth != 0 else None
             return engine.Plan(head_attention=head, positions=options.positions)
-        depth = parallel_depth(options.depth, len(tower.blocks))
+        depth = self.resolved(options, tower).depth
         if depth > len(tower.blocks):
             raise OptionError(
                 f"option depth of 'clip_surgery' must be in [0, {len(tower.blocks)}] for this "

@@ -68,7 +68,7 @@ class Gem(ForwardMethod):
 
     def plan(self, options: GemOptions, tower) -> engine.Plan:
         """A parallel path with self-self attention whose CLS is its own."""
-        depth = parallel_depth(options.depth, len(tower.blocks))
+        depth = self.resolved(options, tower).depth
         if not 1 <= depth <= len(tower.blocks):
             raise OptionError(
                 f"option depth of 'gem' must be in [1, {len(tower.blocks)}] for this model, "

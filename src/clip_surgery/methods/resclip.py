@@ -121,8 +121,8 @@ class Resclip(ForwardMethod):
         count = len(tower.blocks)
         if options.rcs and count < 2:
             raise OptionError("resclip's RCS reads blocks before the last: it needs 2 or more")
-        first = layer(options.rcs_first, 5, count, highest=count - 2)
-        last = layer(options.rcs_last, 8, count, highest=count - 2)
+        chosen = self.resolved(options, tower)
+        first, last = chosen.rcs_first, chosen.rcs_last
         if options.rcs:
             check_range(self.name, "rcs_first", first, 0, count - 2)
             check_range(self.name, "rcs_last", last, first, count - 2)
