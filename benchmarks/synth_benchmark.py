@@ -4,7 +4,8 @@ Exports the test scenes in the VOC layout (dataset ``synthetic``), then reports 
 zero-shot accuracy, the time of one forward, and for every method in the registry the pointing
 game (``synth.pointing_game``: for each shape present, is its map's peak on that shape's exact
 mask; all shapes and shapes of at least 200 visible pixels; share of peaks on the background;
-a uniformly random point and an oracle map on the model's token grid as references),
+a uniformly random point and an oracle map on the model's token grid as references; where the
+peaks land, on the shape, the background or another shape, for the largest shape and the rest),
 RISE's deletion and insertion areas (``eval.faithfulness``: CLIP's own probability of each
 present shape among the five, ``--steps`` steps, mean-colour deletion and blurred insertion),
 the paper's explainability mIoU / mSC (at the model's native input size, class set = the five
@@ -118,6 +119,7 @@ def method_row(model, name: str, folder: str, count: int, steps: int) -> dict:
         "pointing": game["all"],
         "pointing_large": game["large"],
         "background_peak": game["background_peak"],
+        "peaks": game["peaks"],
         "deletion_auc": faithful["deletion_auc"],
         "insertion_auc": faithful["insertion_auc"],
         "expl_miou": explain["miou"],
@@ -201,6 +203,19 @@ def main() -> None:
             f"{row['threshold']:.2f} | {row['seg_miou']:.1f} | {row['seg_miou_pamr']:.1f} | "
             f"{row['explain_ms']:.1f} |"
         )
+    peaks = game["peaks"]
+    print(
+        f"\nWhere the peaks land, for the scene's largest shape ({peaks['largest']['pairs']} "
+        f"pairs) and for the other shapes present ({peaks['others']['pairs']} pairs):"
+    )
+    print(
+        "| method | largest: own | largest: background | largest: another shape | "
+        "others: own | others: background | others: another shape |"
+    )
+    print("| --- " * 7 + "|")
+    for row in rows:
+        shares = [row["peaks"][g][p] for g in ("largest", "others") for p in synth.PEAK_PLACES]
+        print(f"| {row['method']} | " + " | ".join(f"{v:.2f}" for v in shares) + " |")
     print(f"({report['seconds']} s; figure: {args.figure})")
     assert np.isfinite([r["msc"] for r in rows]).all()
 

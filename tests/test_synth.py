@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from importlib.resources import files
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -141,3 +142,50 @@ def test_the_pointing_game_reports_a_token_grid_oracle():
     game = synth.pointing_game(clip_surgery.load("tiny-synth"), "raw", "test", 20)
     assert 0.9 <= game["oracle"] <= 1 and game["oracle_large"] >= game["oracle"]
     assert game["oracle"] > game["random"] + 0.5
+
+
+class _LabelMapModel:
+    """A stand-in model whose map for each class is a chosen mask of the scene it is shown
+    (``pick(labels, category)``), at pixel resolution: the pointing game's known answers."""
+
+    def __init__(self, pick):
+        self.pick, self.shown = pick, 0
+
+    def preprocess(self, image):
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
+
+    def explain(self, images, texts, method):
+        chunk = synth.scenes("test", len(images), start=self.shown)
+        self.shown += len(images)
+        maps = []
+        for scene in chunk:
+            labels = torch.from_numpy(scene.labels.astype(np.int64))
+            maps.append(torch.stack([self.pick(labels, c + 1) for c in range(len(texts))]))
+        similarity = torch.stack(maps).float().flatten(2).transpose(1, 2)  # [B, N, T]
+        return SimpleNamespace(similarity=similarity, grid=(synth.SIZE, synth.SIZE))
+
+
+def _largest(labels):
+    counts = torch.bincount(labels.flatten(), minlength=len(synth.CLASSES))[1:]
+    return int(counts.argmax()) + 1
+
+
+@pytest.mark.parametrize(
+    ("pick", "largest", "others"),
+    [
+        (lambda labels, c: labels == c, "own", "own"),
+        (lambda labels, c: labels == 0, "background", "background"),
+        (lambda labels, c: labels == _largest(labels), "own", "other_shape"),
+    ],
+)
+def test_the_pointing_game_says_where_the_peaks_land(pick, largest, others):
+    """Maps that are each shape's own mask, the background, or the largest shape's mask put
+    every peak there, for the largest shape and for the others alike."""
+    game = synth.pointing_game(_LabelMapModel(pick), "stub", "test", 30, batch=10)
+    peaks = game["peaks"]
+    assert peaks["largest"]["pairs"] == 30  # one largest category per scene
+    assert peaks["largest"]["pairs"] + peaks["others"]["pairs"] == game["pairs"]
+    assert peaks["others"]["pairs"] > 5
+    assert peaks["largest"][largest] == 1.0 and peaks["others"][others] == 1.0
+    for group in ("largest", "others"):
+        assert sum(peaks[group][p] for p in synth.PEAK_PLACES) == pytest.approx(1.0)

@@ -355,8 +355,10 @@ def pointing_game(
     the hit rate over all (scene, shape) pairs, over pairs of at least ``min_pixels`` visible
     pixels (``large``), the expected rate of a uniformly random point (``random``), the rate of
     an oracle map on the same token grid (``oracle``: each token's share of the shape's pixels,
-    turned into a map the same way), the share of peaks on the background (``background_peak``)
-    and the pair counts.
+    turned into a map the same way), the share of peaks on the background (``background_peak``),
+    the pair counts, and where the peaks land (``peaks``): for the scene's largest shape
+    category (the most visible pixels) and for the other categories present, the shares of
+    peaks on the shape's own mask, on the background and on another shape.
     """
     import torch
     import torch.nn.functional as F
@@ -364,7 +366,7 @@ def pointing_game(
     from .eval.metrics import pointing_hits
     from .features import similarity_map
 
-    hits, sizes, background, chance, oracle = [], [], [], [], []
+    hits, sizes, background, chance, oracle, landing, largest = [], [], [], [], [], [], []
     for begin in range(0, count, batch):
         chunk = scenes(split, min(batch, count - begin), start=begin)
         images = torch.stack([_to_input(model, s.image) for s in chunk])
@@ -380,6 +382,8 @@ def pointing_game(
             best = similarity_map(shares.flatten(1).T[None], (SIZE, SIZE), result.grid)[0]
             oracle += pointing_hits(best, masks).tolist()
             background += pointing_hits(heatmaps, (labels == 0).expand_as(masks)).tolist()
+            landing += _peak_places(heatmaps, labels, present)
+            largest += (masks.sum(dim=(1, 2)) == masks.sum(dim=(1, 2)).max()).tolist()
             sizes += masks.sum(dim=(1, 2)).tolist()
             chance += (masks.double().mean(dim=(1, 2))).tolist()
     hits_array, sizes_array = np.array(hits), np.array(sizes)
@@ -393,7 +397,32 @@ def pointing_game(
         "oracle": float(np.mean(oracle)),
         "oracle_large": float(np.array(oracle)[large].mean()),
         "background_peak": float(np.mean(background)),
+        "peaks": _peak_shares(landing, largest),
         "pairs": int(len(hits)),
         "large_pairs": int(large.sum()),
         "min_pixels": min_pixels,
     }
+
+
+PEAK_PLACES = ("own", "background", "other_shape")
+
+
+def _peak_places(heatmaps, labels, present: list[int]) -> list[str]:
+    """Where each map's peak pixel (the first maximum in raster order, as ``pointing_hits``)
+    lies: on its own category's mask, on the background, or on another shape."""
+    peaks = heatmaps.flatten(1).argmax(dim=1)
+    found = labels.flatten()[peaks].tolist()
+    return [
+        "own" if label == category else "background" if label == 0 else "other_shape"
+        for label, category in zip(found, present, strict=True)
+    ]
+
+
+def _peak_shares(places: list[str], largest: list[bool]) -> dict:
+    """Shares of ``PEAK_PLACES`` for the largest category's pairs and for the others'."""
+    shares = {}
+    for group, wanted in (("largest", True), ("others", False)):
+        chosen = [place for place, big in zip(places, largest, strict=True) if big == wanted]
+        shares[group] = {p: chosen.count(p) / max(len(chosen), 1) for p in PEAK_PLACES}
+        shares[group]["pairs"] = len(chosen)
+    return shares
