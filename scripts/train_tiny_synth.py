@@ -25,9 +25,10 @@ A CLIP: image-text contrastive training only, on procedurally generated captione
   trains; every batch is a pure function of its step, so a run is seeded and reproducible;
 - AdamW, linear warm-up then cosine decay, learnable temperature.
 
-Stages: ``--max-minutes`` stops a run cleanly (full checkpoint ``checkpoint.pt`` and fp16
-``tiny-synth.safetensors``, whose metadata holds the step and the loss history); ``--resume``
-continues from either (from the fp16 file with a restarted optimizer), on the same schedule.
+Stages: ``--max-minutes`` or ``--stop-step`` stops a run cleanly (full checkpoint
+``checkpoint.pt`` and fp16 ``tiny-synth.safetensors``, whose metadata holds the step and the
+loss history); ``--resume`` continues from either (from the fp16 file with a restarted
+optimizer), on the schedule of ``--steps``.
 ``--device cuda`` trains on a GPU (bf16 autocast). Writes the fp16 weights, the config, a
 metrics JSON (zero-shot accuracy and the pointing game on validation scenes) and the loss
 curve.
@@ -344,6 +345,12 @@ def main() -> None:
         help="with --resume: warm-up and cosine run from the resumed step to --steps",
     )
     parser.add_argument("--max-minutes", type=float, default=None, help="stop this stage then")
+    parser.add_argument(
+        "--stop-step",
+        type=int,
+        default=None,
+        help="stop this stage after this step (the schedule still runs to --steps)",
+    )
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps")
@@ -447,7 +454,8 @@ def main() -> None:
             model.train()
         if (step + 1) % args.checkpoint_every == 0:
             checkpoint(step + 1)
-        if args.max_minutes is not None and elapsed > args.max_minutes * 60:
+        timed_out = args.max_minutes is not None and elapsed > args.max_minutes * 60
+        if timed_out or (args.stop_step is not None and step + 1 >= args.stop_step):
             stopped_early = step + 1 < args.steps
             break
     reached = step + 1 if losses[start:] else start

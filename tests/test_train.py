@@ -31,18 +31,24 @@ def train(out: Path, *extra: str) -> str:
 
 
 def test_a_run_stopped_and_resumed_gives_the_uninterrupted_runs_weights(tmp_path):
-    """Four steps in one go, and one step stopped by ``--max-minutes`` then resumed from its
-    ``checkpoint.pt``: bit-identical fp16 weights (seeded batches, restored optimizer)."""
+    """Four steps in one go, and a run stopped by ``--max-minutes`` (after one step) or by
+    ``--stop-step 2`` then resumed from its ``checkpoint.pt``: bit-identical fp16 weights
+    (seeded batches, restored optimizer)."""
     log = train(tmp_path / "whole")
     assert "step 4/4" in log
     train(tmp_path / "part", "--max-minutes", "0.00001")
     stopped = json.loads((tmp_path / "part/tiny-synth.metrics.json").read_text())
     assert stopped["reached_step"] == 1 and not stopped["finished"]
     train(tmp_path / "part", "--resume", str(tmp_path / "part/checkpoint.pt"))
+    train(tmp_path / "steps", "--stop-step", "2")
+    stopped = json.loads((tmp_path / "steps/tiny-synth.metrics.json").read_text())
+    assert stopped["reached_step"] == 2 and not stopped["finished"]
+    train(tmp_path / "steps", "--resume", str(tmp_path / "steps/checkpoint.pt"))
     whole = load_file(tmp_path / "whole/tiny-synth.safetensors")
-    resumed = load_file(tmp_path / "part/tiny-synth.safetensors")
-    assert whole.keys() == resumed.keys()
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    for part in ("part", "steps"):
+        resumed = load_file(tmp_path / f"{part}/tiny-synth.safetensors")
+        assert whole.keys() == resumed.keys()
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     metrics = json.loads((tmp_path / "whole/tiny-synth.metrics.json").read_text())
     assert metrics["finished"] and metrics["pool"] == "avg" and metrics["stem"] == "conv"
     assert 0 <= metrics["val_zero_shot"] <= 1 and "val_pointing_clip_surgery" in metrics
