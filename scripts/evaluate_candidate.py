@@ -1,0 +1,45 @@
+"""Test-split figures of a tiny-synth candidate (an open_clip config JSON and its weights).
+
+Zero-shot accuracy on 1000 test scenes and the pointing game on test scenes 0-199 of raw,
+clip_surgery and clearclip (``synth.pointing_game``: all shapes / shapes of >= 200 px, the share
+of peaks on the background, and where the peaks land for the largest shape and the others) —
+the figures ``scripts/measure_shipped.py`` records for the bundled model, for weights that are
+not (yet) in the package. Run (the weights: the config's name with ``.safetensors``):
+``.venv/bin/python scripts/evaluate_candidate.py
+scripts/checkpoints/tiny-synth-stem4-mix2-step3500.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+
+import clip_surgery
+from clip_surgery import synth
+
+
+def main() -> None:
+    """Load the candidate through ``clip_surgery.load`` and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="the run's config JSON (pooling included)")
+    parser.add_argument("--weights", type=Path, default=None, help="default: CONFIG.safetensors")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    weights = args.weights or args.config.with_suffix(".safetensors")
+    open_clip.add_model_config(args.config)  # registered under the file's stem
+    model = clip_surgery.load(args.config.stem, pretrained=str(weights))
+    model.cache_dir = None
+    figures = {"zero_shot_test_1000": synth.zero_shot_accuracy(model, "test", 1000)}
+    for method in ("raw", "clip_surgery", "clearclip"):
+        game = synth.pointing_game(model, method, "test", 200)
+        figures[method] = {k: game[k] for k in ("all", "large", "background_peak", "peaks")}
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
