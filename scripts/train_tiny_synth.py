@@ -349,7 +349,8 @@ def main() -> None:
         "--stop-step",
         type=int,
         default=None,
-        help="stop this stage after this step (the schedule still runs to --steps)",
+        help="stop this stage after this step, counted from the run's start as --steps is "
+        "(the schedule still runs to --steps)",
     )
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
@@ -389,6 +390,8 @@ def main() -> None:
         losses = losses[:start]
         schedule_start = start if args.new_schedule else schedule_start
         print(f"resumed from {args.resume} at step {start}", file=sys.stderr)
+    if args.stop_step is not None and not start < args.stop_step <= args.steps:
+        parser.error(f"--stop-step must be in ({start}, {args.steps}]: after this run's start")
     data = torch.utils.data.DataLoader(
         Batches(args.batch_size, args.group, model.context_length, args.captions == "all"),
         batch_size=None,

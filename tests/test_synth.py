@@ -142,11 +142,20 @@ def test_the_pointing_game_reports_a_token_grid_oracle():
     game = synth.pointing_game(clip_surgery.load("tiny-synth"), "raw", "test", 20)
     assert 0.9 <= game["oracle"] <= 1 and game["oracle_large"] >= game["oracle"]
     assert game["oracle"] > game["random"] + 0.5
+    peaks = game["peaks"]  # the breakdown of where the peaks land agrees with the hit rates
+
+    def pairs_at(place: str) -> float:
+        return sum(peaks[g][place] * peaks[g]["pairs"] for g in ("largest", "others"))
+
+    assert pairs_at("own") == pytest.approx(game["all"] * game["pairs"])
+    assert pairs_at("background") == pytest.approx(game["background_peak"] * game["pairs"])
 
 
 class _LabelMapModel:
-    """A stand-in model whose map for each class is a chosen mask of the scene it is shown
-    (``pick(labels, category)``), at pixel resolution: the pointing game's known answers."""
+    """A stand-in model whose maps are chosen masks of the scenes it is shown (known answers).
+
+    The map of each class is ``pick(labels, category)`` at pixel resolution.
+    """
 
     def __init__(self, pick):
         self.pick, self.shown = pick, 0
@@ -180,7 +189,8 @@ def _largest(labels):
 )
 def test_the_pointing_game_says_where_the_peaks_land(pick, largest, others):
     """Maps that are each shape's own mask, the background, or the largest shape's mask put
-    every peak there, for the largest shape and for the others alike."""
+    every peak there: on the shape itself, the background, or (for the shapes other than the
+    largest) another shape."""
     game = synth.pointing_game(_LabelMapModel(pick), "stub", "test", 30, batch=10)
     peaks = game["peaks"]
     assert peaks["largest"]["pairs"] == 30  # one largest category per scene

@@ -74,3 +74,15 @@ def test_the_written_model_loads_as_an_average_pooled_vit_with_its_stem(tmp_path
         expected = model.clip.encode_image(images)
     encoded = model.encode(images, "raw")
     assert torch.allclose(encoded.pooled, expected, atol=1e-5)
+
+
+def test_a_stop_step_before_the_runs_start_is_refused(tmp_path):
+    """``--stop-step`` at or before the step a run starts from (or past ``--steps``) is an error
+    with the valid range, not one more step of training."""
+    command = [sys.executable, str(ROOT / "scripts/train_tiny_synth.py"), "--out", str(tmp_path)]
+    for stop in ("0", "5"):
+        done = subprocess.run(
+            [*command, *SMALL, "--stop-step", stop], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 2 and "--stop-step must be in (0, 4]" in done.stderr
+        assert not (tmp_path / "checkpoint.pt").exists()

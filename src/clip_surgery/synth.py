@@ -18,8 +18,12 @@ negatives are rendered, not mined).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 SIZE = 64
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
@@ -383,7 +387,7 @@ def pointing_game(
             oracle += pointing_hits(best, masks).tolist()
             background += pointing_hits(heatmaps, (labels == 0).expand_as(masks)).tolist()
             landing += _peak_places(heatmaps, labels, present)
-            largest += (masks.sum(dim=(1, 2)) == masks.sum(dim=(1, 2)).max()).tolist()
+            largest += [index == int(masks.sum(dim=(1, 2)).argmax()) for index in range(len(masks))]
             sizes += masks.sum(dim=(1, 2)).tolist()
             chance += (masks.double().mean(dim=(1, 2))).tolist()
     hits_array, sizes_array = np.array(hits), np.array(sizes)
@@ -404,25 +408,30 @@ def pointing_game(
     }
 
 
-PEAK_PLACES = ("own", "background", "other_shape")
+PEAK_PLACES = ("own", "background", "other_shape")  # where a map's peak can land (``peaks``)
 
 
-def _peak_places(heatmaps, labels, present: list[int]) -> list[str]:
-    """Where each map's peak pixel (the first maximum in raster order, as ``pointing_hits``)
-    lies: on its own category's mask, on the background, or on another shape."""
-    peaks = heatmaps.flatten(1).argmax(dim=1)
-    found = labels.flatten()[peaks].tolist()
+def _peak_places(heatmaps: torch.Tensor, labels: torch.Tensor, present: list[int]) -> list[str]:
+    """Where each map's peak (``eval.metrics.peak_indices``) lies: own mask, background, other.
+
+    ``heatmaps`` ``[K, H, W]`` for the categories ``present`` (K of them), ``labels`` ``[H, W]``.
+    """
+    from .eval.metrics import peak_indices
+
+    found = labels.flatten()[peak_indices(heatmaps)].tolist()
     return [
         "own" if label == category else "background" if label == 0 else "other_shape"
         for label, category in zip(found, present, strict=True)
     ]
 
 
-def _peak_shares(places: list[str], largest: list[bool]) -> dict:
-    """Shares of ``PEAK_PLACES`` for the largest category's pairs and for the others'."""
+def _peak_shares(places: list[str], largest: list[bool]) -> dict[str, dict[str, float]]:
+    """Shares of ``PEAK_PLACES`` (NaN for a group without pairs) and the pair count ``pairs``,
+    for the largest category's pairs (``largest``) and for the others' (``others``)."""
     shares = {}
     for group, wanted in (("largest", True), ("others", False)):
         chosen = [place for place, big in zip(places, largest, strict=True) if big == wanted]
-        shares[group] = {p: chosen.count(p) / max(len(chosen), 1) for p in PEAK_PLACES}
-        shares[group]["pairs"] = len(chosen)
+        count = len(chosen)
+        shares[group] = {p: chosen.count(p) / count if count else float("nan") for p in PEAK_PLACES}
+        shares[group]["pairs"] = count
     return shares

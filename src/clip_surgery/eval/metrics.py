@@ -169,6 +169,15 @@ def pointing_hits(
             f"expected heatmaps and masks [K, H, W] alike, got {tuple(heatmaps.shape)} "
             f"and {tuple(masks.shape)}"
         )
+    peak = peak_indices(heatmaps, valid)
+    return masks.reshape(len(masks), -1).gather(1, peak[:, None])[:, 0].bool()
+
+
+def peak_indices(heatmaps: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each map's peak pixel as a flat index ``[K]`` (the pointing game's rule).
+
+    The first maximum in raster order; NaN pixels and pixels outside ``valid`` are never it.
+    """
     count, height, width = heatmaps.shape
     values = heatmaps.detach().double().reshape(count, -1).clone()
     if valid is not None:
@@ -176,5 +185,4 @@ def pointing_hits(
         values[~allowed] = -torch.inf
     values[torch.isnan(values)] = -torch.inf
     top = values.max(dim=1, keepdim=True).values
-    peak = (values == top).double().argmax(dim=1)  # the first index holding the maximum
-    return masks.reshape(count, -1).gather(1, peak[:, None])[:, 0].bool()
+    return (values == top).double().argmax(dim=1)  # the first index holding the maximum
