@@ -355,14 +355,15 @@ def pointing_game(
 
     For each shape category present in a scene, its map (``model.explain`` at the native size,
     the maps of ``clip_surgery.features.similarity_map`` at the scene's size) scores a hit when
-    its peak pixel lies on that category's exact mask (``eval.metrics.pointing_hits``). Returns
-    the hit rate over all (scene, shape) pairs, over pairs of at least ``min_pixels`` visible
-    pixels (``large``), the expected rate of a uniformly random point (``random``), the rate of
-    an oracle map on the same token grid (``oracle``: each token's share of the shape's pixels,
-    turned into a map the same way), the share of peaks on the background (``background_peak``),
-    the pair counts, and where the peaks land (``peaks``): for the scene's largest shape
-    category (the most visible pixels) and for the other categories present, the shares of
-    peaks on the shape's own mask, on the background and on another shape.
+    its peak pixel (``eval.metrics.peak_indices``, as ``pointing_hits``) lies on that category's
+    exact mask. Returns the hit rate over all (scene, shape) pairs, over pairs of at least
+    ``min_pixels`` visible pixels (``large``), the expected rate of a uniformly random point
+    (``random``), the rate of an oracle map on the same token grid (``oracle``: each token's
+    share of the shape's pixels, turned into a map the same way), the share of peaks on the
+    background (``background_peak``), the pair counts, and where the peaks land (``peaks``): for
+    the scene's largest shape category (the most visible pixels) and for the other categories
+    present, the shares of peaks on the shape's own mask, on the background and on another
+    shape.
     """
     import torch
     import torch.nn.functional as F
@@ -370,7 +371,7 @@ def pointing_game(
     from .eval.metrics import pointing_hits
     from .features import similarity_map
 
-    hits, sizes, background, chance, oracle, landing, largest = [], [], [], [], [], [], []
+    landing, largest, sizes, chance, oracle = [], [], [], [], []
     for begin in range(0, count, batch):
         chunk = scenes(split, min(batch, count - begin), start=begin)
         images = torch.stack([_to_input(model, s.image) for s in chunk])
@@ -381,16 +382,15 @@ def pointing_game(
             present = [c for c in torch.unique(labels).tolist() if c > 0]
             heatmaps = scene_maps[[c - 1 for c in present]]
             masks = torch.stack([labels == c for c in present])
-            hits += pointing_hits(heatmaps, masks).tolist()
+            pixels = masks.sum(dim=(1, 2))
+            landing += _peak_places(heatmaps, labels, present)  # a hit: the peak on its own mask
+            largest += [index == int(pixels.argmax()) for index in range(len(present))]
+            sizes += pixels.tolist()
             shares = F.adaptive_avg_pool2d(masks[None].float(), result.grid)[0]
             best = similarity_map(shares.flatten(1).T[None], (SIZE, SIZE), result.grid)[0]
             oracle += pointing_hits(best, masks).tolist()
-            background += pointing_hits(heatmaps, (labels == 0).expand_as(masks)).tolist()
-            landing += _peak_places(heatmaps, labels, present)
-            largest += [index == int(masks.sum(dim=(1, 2)).argmax()) for index in range(len(masks))]
-            sizes += masks.sum(dim=(1, 2)).tolist()
             chance += (masks.double().mean(dim=(1, 2))).tolist()
-    hits_array, sizes_array = np.array(hits), np.array(sizes)
+    hits_array, sizes_array = np.array([place == "own" for place in landing]), np.array(sizes)
     large = sizes_array >= min_pixels
     return {
         "method": method,
@@ -400,9 +400,9 @@ def pointing_game(
         "random_large": float(np.array(chance)[large].mean()),
         "oracle": float(np.mean(oracle)),
         "oracle_large": float(np.array(oracle)[large].mean()),
-        "background_peak": float(np.mean(background)),
+        "background_peak": float(np.mean([place == "background" for place in landing])),
         "peaks": _peak_shares(landing, largest),
-        "pairs": int(len(hits)),
+        "pairs": len(landing),
         "large_pairs": int(large.sum()),
         "min_pixels": min_pixels,
     }
