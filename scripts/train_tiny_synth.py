@@ -16,7 +16,8 @@ A CLIP: image-text contrastive training only, on procedurally generated captione
 - hard-negative batches: each batch holds groups of ``--group`` renderings of one scene that
   differ only in their shape categories (``synth.make_scene(seed, variant)``; with 5 the large
   shape appears as each of the five), so colour, texture and layout alone cannot solve the
-  batch; captions name the k largest shapes (k random) or every shape (``--captions all``);
+  batch; captions name the k largest shapes (k random), every shape (``--captions all``) or k
+  shapes drawn in proportion to their visible pixels (``--captions area``);
 - a contrastive loss that tolerates identical captions in a batch: softmax (CLIP) cross-entropy
   against targets spread uniformly over every pair with the same caption, or (``--loss
   sigmoid``) SigLIP's pairwise sigmoid loss (Zhai et al., "Sigmoid Loss for Language Image
@@ -134,11 +135,11 @@ class Batches(torch.utils.data.Dataset):
     captions).
     """
 
-    def __init__(self, size: int, group: int, context_length: int, every_shape: bool = False):
+    def __init__(self, size: int, group: int, context_length: int, captions: str = "some"):
         if size % group:
             raise ValueError(f"batch size {size} is not a multiple of the group {group}")
         self.size, self.group, self.context_length = size, group, context_length
-        self.every_shape = every_shape
+        self.captions = captions
         self.tokenizer = None
 
     def __len__(self) -> int:
@@ -149,9 +150,7 @@ class Batches(torch.utils.data.Dataset):
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
         per_step = self.size // self.group
         scenes = [
-            synth.make_scene(
-                synth.scene_seed("train", step * per_step + k), variant, self.every_shape
-            )
+            synth.make_scene(synth.scene_seed("train", step * per_step + k), variant, self.captions)
             for k in range(per_step)
             for variant in range(self.group)
         ]
@@ -328,9 +327,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--captions",
-        choices=("some", "all"),
+        choices=synth.CAPTION_MODES,
         default="some",
-        help="captions name the k largest shapes (k random), or every shape",
+        help="captions name the k largest shapes (k random), every shape, or k shapes drawn in "
+        "proportion to their visible pixels (area)",
     )
     parser.add_argument(
         "--pool",
@@ -393,7 +393,7 @@ def main() -> None:
     if args.stop_step is not None and not start < args.stop_step <= args.steps:
         parser.error(f"--stop-step must be in ({start}, {args.steps}]: after this run's start")
     data = torch.utils.data.DataLoader(
-        Batches(args.batch_size, args.group, model.context_length, args.captions == "all"),
+        Batches(args.batch_size, args.group, model.context_length, args.captions),
         batch_size=None,
         sampler=range(start, args.steps),
         num_workers=args.workers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib.resources import files
 from types import SimpleNamespace
 
@@ -53,6 +54,42 @@ def test_the_largest_shape_is_never_a_near_tie():
             assert len(pixels) <= synth.MAX_OBJECTS
             assert pixels[0] >= 400 and (len(pixels) == 1 or pixels[0] >= 1.5 * pixels[1])
             assert scene.objects[0].size == "large" and scene.main_shape == scene.objects[0].shape
+
+
+def _first_named(caption: str) -> str:
+    """The first shape word of ``caption`` (whole words: "drawing" does not name a ring)."""
+    return re.findall(rf"\b({'|'.join(synth.SHAPES)})\b", caption)[0]
+
+
+def test_caption_modes_change_only_the_caption():
+    """Caption mode "some" names the largest shape first; "area" draws the first named shape in
+    proportion to the visible pixels (known shares 0.6 / 0.3 / 0.1); images and labels never
+    change."""
+    for index in range(10):
+        seed = synth.scene_seed("train", index)
+        some, area = synth.make_scene(seed), synth.make_scene(seed, captions="area")
+        assert np.array_equal(some.image, area.image) and np.array_equal(some.labels, area.labels)
+        assert _first_named(some.caption) == some.main_shape
+    objects = [
+        synth.SceneObject("circle", "red", "plain", "large", 600),
+        synth.SceneObject("square", "blue", "plain", "small", 300),
+        synth.SceneObject("ring", "green", "plain", "small", 100),
+    ]
+    draws = 3000
+    firsts = [
+        _first_named(synth._caption(objects, "dots", np.random.default_rng(i), "area"))
+        for i in range(draws)
+    ]
+    for shape, share in (("circle", 0.6), ("square", 0.3), ("ring", 0.1)):
+        tolerance = 4 * np.sqrt(share * (1 - share) / draws)
+        assert abs(firsts.count(shape) / draws - share) < tolerance, shape
+    firsts_some = {
+        _first_named(synth._caption(objects, "dots", np.random.default_rng(i), "some"))
+        for i in range(200)
+    }
+    assert firsts_some == {"circle"}
+    with pytest.raises(ValueError, match="caption mode"):
+        synth.make_scene(seed, captions="largest")
 
 
 @pytest.mark.parametrize("index", range(8))

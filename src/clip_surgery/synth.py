@@ -39,6 +39,7 @@ TEXTURES = ("plain", "striped", "dotted")
 BACKGROUNDS = ("stripes", "dots", "noise", "gradient", "checks")
 SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 CLASSES = ("background", *SHAPES)
+CAPTION_MODES = ("some", "all", "area")  # which shapes a caption names (``_caption``)
 
 
 @dataclass
@@ -163,13 +164,22 @@ def _describe(obj: SceneObject, rng: np.random.Generator) -> str:
 
 
 def _caption(
-    objects: list[SceneObject], background: str, rng: np.random.Generator, every: bool = False
+    objects: list[SceneObject], background: str, rng: np.random.Generator, mode: str = "some"
 ) -> str:
-    """Names the k largest visible shapes, largest first; k uniform in 1..(visible count), or
-    every visible shape (``every``; k is drawn either way)."""
+    """Names k visible shapes (k uniform in 1..(visible count)): the k largest, largest first
+    (``mode="some"``), every one (``"all"``; k is drawn either way), or k drawn without
+    replacement with probability proportional to their visible pixels, in the order drawn
+    (``"area"``: no word of the caption depends on comparing the shapes' sizes)."""
+    if mode not in CAPTION_MODES:
+        raise ValueError(f"unknown caption mode {mode!r}; choose one of {', '.join(CAPTION_MODES)}")
     ordered = [o for o in sorted(objects, key=lambda o: -o.pixels) if o.pixels > 0]
     count = int(rng.integers(1, len(ordered) + 1))
-    mentioned = ordered if every else ordered[:count]
+    if mode == "area":
+        weights = np.array([o.pixels for o in ordered], dtype=np.float64)
+        picks = rng.choice(len(ordered), size=count, replace=False, p=weights / weights.sum())
+        mentioned = [ordered[i] for i in picks]
+    else:
+        mentioned = ordered if mode == "all" else ordered[:count]
     parts = [_describe(o, rng) for o in mentioned]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     form = rng.integers(0, 6)
@@ -243,13 +253,13 @@ def _place(areas: list[float], rng: np.random.Generator) -> list[tuple[float, fl
     return centres
 
 
-def make_scene(seed: int, variant: int = 0, every_shape: bool = False) -> Scene:
+def make_scene(seed: int, variant: int = 0, captions: str = "some") -> Scene:
     """The scene of ``seed``: deterministic image, labels and caption.
 
     One large shape and up to two small ones (areas ``LARGE_AREA`` / ``SMALL_AREA`` pixels),
     coloured and textured, on a textured background, with mild noise. ``variant > 0``: the
     same scene with other shape categories (see the module docstring); variant 0 is the scene
-    itself. ``every_shape``: the caption names every visible shape (else the k largest).
+    itself. ``captions``: which shapes the caption names (``CAPTION_MODES``, see ``_caption``).
     """
     rng = np.random.default_rng(seed)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
@@ -286,7 +296,7 @@ def make_scene(seed: int, variant: int = 0, every_shape: bool = False) -> Scene:
     objects = [o for o in objects if o.pixels > 0] or objects
     noise = rng.normal(0, 6, image.shape)
     picture = np.clip(image + noise, 0, 255).astype(np.uint8)
-    caption = _caption(objects, background, rng, every_shape)
+    caption = _caption(objects, background, rng, captions)
     return Scene(picture, labels, caption, objects, background)
 
 
