@@ -108,6 +108,7 @@ def _check_device(device) -> None:
 BUNDLED = ("tiny-synth", "tiny-synth-siglip")
 TINY_TIMM_TOWER = "tiny_synth_siglip_vit"
 TINY_REGISTER_TOWER = "tiny_synth_reg_vit"
+TINY_MAP_TOWER = "tiny_synth_map_vit"
 
 
 def register_bundled_towers() -> None:
@@ -115,11 +116,12 @@ def register_bundled_towers() -> None:
     width 128, 6 blocks of 2 heads; ``tiny_synth_siglip_vit``: patchify embedding, no CLS token,
     SigLIP's MAP pooling head; ``tiny_synth_reg_vit``: a convolutional stem
     (``stem.ConvStem``), a CLS token and 4 register tokens (Darcet et al., "Vision Transformers
-    Need Registers", ICLR 2024)."""
+    Need Registers", ICLR 2024); ``tiny_synth_map_vit``: the convolutional stem, 3 blocks, no
+    CLS token, a MAP pooling head (a candidate architecture for tiny-synth)."""
     import timm
     from timm.models import register_model
 
-    if TINY_REGISTER_TOWER in timm.list_models(TINY_REGISTER_TOWER):
+    if TINY_MAP_TOWER in timm.list_models(TINY_MAP_TOWER):
         return
 
     def tiny_synth_siglip_vit(pretrained: bool = False, **kwargs):
@@ -132,10 +134,18 @@ def register_bundled_towers() -> None:
 
         return _tiny_tower(kwargs, reg_tokens=4, embed_layer=ConvStemEmbed, global_pool="token")
 
+    def tiny_synth_map_vit(pretrained: bool = False, **kwargs):
+        """A conv-stem ViT of 3 blocks without CLS, pooled by a MAP head."""
+        from .stem import ConvStemEmbed
+
+        settings = dict(class_token=False, global_pool="map", embed_layer=ConvStemEmbed, depth=3)
+        return _tiny_tower(kwargs, **settings)
+
     tiny_synth_siglip_vit.__name__ = TINY_TIMM_TOWER
     tiny_synth_reg_vit.__name__ = TINY_REGISTER_TOWER
-    register_model(tiny_synth_siglip_vit)
-    register_model(tiny_synth_reg_vit)
+    tiny_synth_map_vit.__name__ = TINY_MAP_TOWER
+    for tower in (tiny_synth_siglip_vit, tiny_synth_reg_vit, tiny_synth_map_vit):
+        register_model(tower)
 
 
 def _tiny_tower(kwargs: dict, **settings):
