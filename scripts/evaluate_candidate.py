@@ -35,9 +35,7 @@ def main() -> None:
     model = clip_surgery.load(args.config.stem, pretrained=str(weights))
     model.cache_dir = None
     figures = {"zero_shot_test_1000": synth.zero_shot_accuracy(model, "test", 1000)}
-    for method in ("raw", "clip_surgery", "clearclip"):
-        game = synth.pointing_game(model, method, "test", 200)
-        figures[method] = {k: game[k] for k in ("all", "large", "background_peak", "peaks")}
+    figures.update(synth.pointing_figures(model, ("raw", "clip_surgery", "clearclip")))
     print(json.dumps(figures, indent=2))
 
 

@@ -40,13 +40,9 @@ def main() -> None:
         "pointing_tolerance": 0.02,
         "reproduction_tolerance": 0.01,
     }
-    for method in ("raw", "clip_surgery"):
-        game = synth.pointing_game(model, method, "test", 200)
+    for method, game in synth.pointing_figures(model, ("raw", "clip_surgery")).items():
         figures["shipped_pointing"][method] = {
-            "all": round(game["all"], 4),
-            "large": round(game["large"], 4),
-            "background_peak": round(game["background_peak"], 4),
-            "pairs": game["pairs"],
+            k: game[k] for k in ("all", "large", "background_peak", "pairs")
         }
     path = folder / f"{args.model}.metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}

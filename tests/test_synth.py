@@ -236,3 +236,14 @@ def test_the_pointing_game_says_where_the_peaks_land(pick, largest, others):
     assert peaks["largest"][largest] == 1.0 and peaks["others"][others] == 1.0
     for group in ("largest", "others"):
         assert sum(peaks[group][p] for p in synth.PEAK_PLACES) == pytest.approx(1.0)
+
+
+def test_pointing_figures_are_the_games_figures_rounded():
+    """Maps that are each shape's own mask: every figure at its known value, peaks included."""
+    figures = synth.pointing_figures(
+        _LabelMapModel(lambda labels, c: labels == c), ("stub",), count=30
+    )
+    game = figures["stub"]
+    assert (game["all"], game["large"], game["background_peak"]) == (1.0, 1.0, 0.0)
+    assert game["pairs"] == game["peaks"]["largest"]["pairs"] + game["peaks"]["others"]["pairs"]
+    assert game["peaks"]["others"]["own"] == 1.0 and game["peaks"]["largest"]["background"] == 0.0

@@ -418,6 +418,23 @@ def pointing_game(
     }
 
 
+def pointing_figures(
+    model, methods: tuple[str, ...], split: str = "test", count: int = 200
+) -> dict[str, dict]:
+    """Per method, ``pointing_game``'s figures rounded to 4 decimals: ``all``, ``large``,
+    ``background_peak``, ``pairs`` and ``peaks`` (what the measuring scripts record)."""
+    figures = {}
+    for method in methods:
+        game = pointing_game(model, method, split, count)
+        peaks = {
+            group: {k: v if k == "pairs" else round(v, 4) for k, v in shares.items()}
+            for group, shares in game["peaks"].items()
+        }
+        figures[method] = {k: round(game[k], 4) for k in ("all", "large", "background_peak")}
+        figures[method].update(pairs=game["pairs"], peaks=peaks)
+    return figures
+
+
 PEAK_PLACES = ("own", "background", "other_shape")  # where a map's peak can land (``peaks``)
 
 
