@@ -6,10 +6,12 @@ a class are left out). A multinomial logistic regression (L-BFGS, standardised f
 L2) is fitted on the tokens of 1000 train scenes at each depth (the patch embedding after the
 positions, i.e. ``ln_pre``'s output; each block's output; the projected tokens the maps are made
 of) and scored on 400 validation scenes: accuracy over all tokens, over tokens on a shape, and
-on the small / large shapes. The last line: on tokens of a shape, how often the projected
-token's nearest text among the five shape names (85-template ensembles) is its own shape. Run:
+on the small / large shapes (tokens of a category that a small and the large shape of the
+scene share are in neither of these two groups). The last line: on tokens of a shape, how
+often the projected token's nearest text among the five shape names (85-template ensembles)
+is its own shape. Run:
 ``.venv/bin/python scripts/probe_tokens.py`` (the bundled model) or ``... CONFIG.json
-WEIGHTS.safetensors``.
+[WEIGHTS.safetensors]`` (an open_clip ViT tower with a CLS token; timm towers are refused).
 """
 
 from __future__ import annotations
@@ -32,19 +34,20 @@ CLASSES = len(synth.CLASSES)
 
 
 def token_features(model, split: str, count: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Patch-token features per depth ``{name: [T, D]}``, class shares ``[T, 6]`` and whether
-    each token's majority class is a small shape ``[T]``, over ``count`` scenes of ``split``."""
+    """Patch-token features per depth, class shares and size groups over ``count`` scenes.
+
+    Returns ``{name: [T, D]}``, ``[T, 6]`` and ``[T]`` (``_token_labels``'s groups)."""
     visual = model.clip.visual
     captured: dict[str, torch.Tensor] = {}
 
-    def keep(name: str):
+    def keep(name: str) -> Callable:
         return lambda module, inputs, output: captured.__setitem__(name, output.detach())
 
     handles = [visual.ln_pre.register_forward_hook(keep("embedding"))]
     blocks = visual.transformer.resblocks
     handles += [b.register_forward_hook(keep(f"block {i + 1}")) for i, b in enumerate(blocks)]
     features: dict[str, list[torch.Tensor]] = {}
-    shares, small = [], []
+    shares, groups = [], []
     try:
         for begin in range(0, count, 100):
             scenes = synth.scenes(split, min(100, count - begin), begin)
@@ -58,24 +61,33 @@ def token_features(model, split: str, count: int) -> tuple[dict, torch.Tensor, t
                 patches = tokens[:, 1:]  # without CLS
                 features.setdefault(name, []).append(patches.reshape(-1, patches.shape[-1]))
             for scene in scenes:
-                share, is_small = _token_labels(scene, grid)
+                share, group = _token_labels(scene, grid)
                 shares.append(share)
-                small.append(is_small)
+                groups.append(group)
     finally:
         for handle in handles:
             handle.remove()
-    return {k: torch.cat(v) for k, v in features.items()}, torch.cat(shares), torch.cat(small)
+    return {k: torch.cat(v) for k, v in features.items()}, torch.cat(shares), torch.cat(groups)
 
 
 def _token_labels(scene: synth.Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class shares ``[N, 6]`` of each token's patch, and its group: 1 where the token's majority
+    class is a small shape's category only, 2 a large shape's only, 0 otherwise (background, or a
+    category that a small and the large shape share: labels are per category, not per object)."""
     labels = torch.from_numpy(scene.labels.astype(np.int64))
     onehot = F.one_hot(labels, CLASSES).permute(2, 0, 1).float()[None]
     share = F.adaptive_avg_pool2d(onehot, grid)[0].flatten(1).T
-    small_classes = torch.zeros(CLASSES, dtype=torch.bool)
+    sizes = {
+        "small": torch.zeros(CLASSES, dtype=torch.bool),
+        "large": torch.zeros(CLASSES, dtype=torch.bool),
+    }
     for obj in scene.objects:
-        if obj.size == "small" and obj.pixels:
-            small_classes[synth.SHAPES.index(obj.shape) + 1] = True
-    return share, small_classes[share.argmax(1)]
+        if obj.pixels:
+            sizes[obj.size][synth.SHAPES.index(obj.shape) + 1] = True
+    group = (sizes["small"] & ~sizes["large"]).long() + 2 * (
+        sizes["large"] & ~sizes["small"]
+    ).long()
+    return share, group[share.argmax(1)]
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -86,7 +98,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torc
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
     standard = (x - mean) / std
 
-    def closure():
+    def closure() -> torch.Tensor:
         optimizer.zero_grad()
         loss = F.cross_entropy(standard @ weight + bias, y) + 1e-4 * weight.square().sum()
         loss.backward()
@@ -100,25 +112,28 @@ def main() -> None:
     """Fit and score the probes; print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, nargs="?", help="a candidate's config JSON")
-    parser.add_argument("weights", type=Path, nargs="?", help="its weights")
+    parser.add_argument("weights", type=Path, nargs="?", help="default: CONFIG.safetensors")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.config:
         open_clip.add_model_config(args.config)
-        model = clip_surgery.load(args.config.stem, pretrained=str(args.weights))
+        weights = args.weights or args.config.with_suffix(".safetensors")
+        model = clip_surgery.load(args.config.stem, pretrained=str(weights))
     else:
         model = clip_surgery.load("tiny-synth")
+    if not hasattr(model.clip.visual, "ln_pre"):
+        parser.error("the probes read an open_clip ViT tower (ln_pre, blocks, proj, a CLS token)")
     train_x, train_share, _ = token_features(model, "train", 1000)
-    val_x, val_share, val_small = token_features(model, "val", 400)
+    val_x, val_share, val_group = token_features(model, "val", 400)
     train_keep, val_keep = train_share.max(1).values >= 0.5, val_share.max(1).values >= 0.5
     train_y, val_y = train_share.argmax(1), val_share.argmax(1)
     on_shape = val_keep & (val_y > 0)
     groups = {
         "all": val_keep,
         "shape": on_shape,
-        "small shape": on_shape & val_small,
-        "large shape": on_shape & ~val_small,
+        "small shape": on_shape & (val_group == 1),
+        "large shape": on_shape & (val_group == 2),
     }
     report = {}
     for name in train_x:

@@ -64,13 +64,27 @@ from clip_surgery.images import OPENAI_MEAN, OPENAI_STD
 GROUPS_PER_SPLIT = 10_000_000  # train seeds available (synth.SPLITS)
 
 
-def model_config(args) -> dict:
-    """The package's config ``--config`` (tiny-synth) with the command line's overrides."""
+TOWER_FLAGS = ("width", "layers", "patch_size", "head_width", "stem_mixing")
+
+
+def is_timm_config(config: dict) -> bool:
+    """Whether ``config`` names a timm tower (its architecture is fixed by its registration)."""
+    return "timm_model_name" in config["vision_cfg"]
+
+
+def model_config(args, error) -> dict:
+    """The package's config ``--config`` (tiny-synth) with the command line's overrides; ``error``
+    (``parser.error``) refuses tower flags for a timm tower, which would be silently ignored."""
     path = Path(args.config)
     if path.suffix != ".json":
         path = Path(str(files("clip_surgery").joinpath(f"data/models/{args.config}.json")))
     config = json.loads(path.read_text())
-    if "timm_model_name" in config["vision_cfg"]:  # tiny-synth-siglip: a timm MAP-head tower
+    if is_timm_config(config):  # tiny-synth-siglip: a timm MAP-head tower
+        flags = [f"--{k.replace('_', '-')}" for k in TOWER_FLAGS if getattr(args, k)]
+        flags += ["--stem conv"] * (args.stem != "patch") + ["--pool avg"] * (args.pool != "tok")
+        given = ", ".join(flags)
+        if given:
+            error(f"{args.config} names a timm tower (its architecture is fixed): drop {given}")
         from clip_surgery.loading import register_bundled_towers
 
         register_bundled_towers()
@@ -362,8 +376,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    config = model_config(args, parser.error)
     args.out.mkdir(parents=True, exist_ok=True)
-    config = model_config(args)
     name = Path(args.config).stem  # tiny-synth, or the config file's name
     (args.out / f"{name}.json").write_text(json.dumps(config, indent=4) + "\n")
     model = build_model(config, args.seed, args.positions, args.stem, args.stem_mixing).to(device)
@@ -473,9 +487,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "group": args.group,
         "positions": args.positions,
-        "stem": args.stem,
-        "stem_mixing": args.stem_mixing,
-        "pool": args.pool,
+        "stem": None if is_timm_config(config) else args.stem,  # a timm tower: its own
+        "stem_mixing": None if is_timm_config(config) else args.stem_mixing,
+        "pool": None if is_timm_config(config) else args.pool,
         "captions": args.captions,
         "loss": args.loss,
         "lr": args.lr,

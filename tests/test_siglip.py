@@ -5,8 +5,10 @@ known answer, EVA's rotary table follows the input size, and tokenizer errors ar
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -278,6 +280,43 @@ def test_other_timm_towers(embed, trunk, pool, proj, family, prefix):
         size = (140, 252)
         result = wrapped.explain(random_images(1, *size), TEXTS, method=method, **options)
         assert_maps(result, size)
+
+
+def test_a_config_naming_a_bundled_tower_loads_in_a_fresh_process(tmp_path):
+    """A candidate's config that names one of our timm towers (``tiny_synth_map_vit``) loads with
+    its weights through ``clip_surgery.load`` without registering the towers first."""
+    from safetensors.torch import save_file
+
+    register_bundled_towers()
+    config = json.loads(
+        (Path(clip_surgery.__file__).parent / "data/models/tiny-synth-siglip.json").read_text()
+    )
+    config["vision_cfg"]["timm_model_name"] = "tiny_synth_map_vit"
+    path = tmp_path / "tiny-synth-map-test.json"
+    path.write_text(json.dumps(config))
+    weights = str(tmp_path / "w.safetensors")
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    model = perturb(open_clip.create_model("tiny-synth-map-test"), 1)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors"
+    )
+    images = random_images(1, 64, 64, seed=3)
+    with torch.no_grad():
+        expected = model.eval().encode_image(images)
+    torch.save(images, tmp_path / "images.pt")
+    code = (
+        "import sys, torch, open_clip, clip_surgery\n"
+        f"open_clip.add_model_config({str(path)!r})\n"
+        f"m = clip_surgery.load('tiny-synth-map-test', pretrained={weights!r})\n"
+        f"images = torch.load({str(tmp_path / 'images.pt')!r})\n"
+        "print(m.family); torch.save(m.encode(images, 'raw').pooled, sys.argv[1])"
+    )
+    out = tmp_path / "pooled.pt"
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "open_clip SigLIP"
+    assert relative_error(torch.load(out), expected) <= TOLERANCE
 
 
 # ---------------------------------------------------------------- transformers SiglipModel

@@ -61,6 +61,25 @@ def _first_named(caption: str) -> str:
     return re.findall(rf"\b({'|'.join(synth.SHAPES)})\b", caption)[0]
 
 
+@pytest.mark.parametrize(
+    ("index", "some", "every"),
+    [
+        (0, "a blue cross in the scene", "a blue cross in the scene"),
+        (
+            5,
+            "a picture of a large red triangle on a stripes background",
+            "a picture of a large red triangle and a small cross on a stripes background",
+        ),
+    ],
+)
+def test_default_captions_are_pinned(index, some, every):
+    """The default captions (the k largest shapes) and "all" (every visible shape) as generated
+    since the scenes of issue 17: the training data of the shipped model."""
+    seed = synth.scene_seed("test", index)
+    assert synth.make_scene(seed).caption == some
+    assert synth.make_scene(seed, captions="all").caption == every
+
+
 def test_caption_modes_change_only_the_caption():
     """Caption mode "some" names the largest shape first; "area" draws the first named shape in
     proportion to the visible pixels (known shares 0.6 / 0.3 / 0.1); images and labels never
@@ -239,11 +258,18 @@ def test_the_pointing_game_says_where_the_peaks_land(pick, largest, others):
 
 
 def test_pointing_figures_are_the_games_figures_rounded():
-    """Maps that are each shape's own mask: every figure at its known value, peaks included."""
-    figures = synth.pointing_figures(
-        _LabelMapModel(lambda labels, c: labels == c), ("stub",), count=30
-    )
-    game = figures["stub"]
-    assert (game["all"], game["large"], game["background_peak"]) == (1.0, 1.0, 0.0)
-    assert game["pairs"] == game["peaks"]["largest"]["pairs"] + game["peaks"]["others"]["pairs"]
-    assert game["peaks"]["others"]["own"] == 1.0 and game["peaks"]["largest"]["background"] == 0.0
+    """Maps that are the largest shape's mask (non-round rates): every figure is the game's,
+    rounded to 4 decimals, peak shares included."""
+
+    def stub():
+        return _LabelMapModel(lambda labels, c: labels == _largest(labels))
+
+    game = synth.pointing_game(stub(), "stub", "test", 30)
+    figures = synth.pointing_figures(stub(), ("stub",), count=30)["stub"]
+    assert 0 < game["all"] < 1 and game["all"] != round(game["all"], 4)
+    for key in ("all", "large", "background_peak"):
+        assert figures[key] == round(game[key], 4)
+    assert figures["pairs"] == game["pairs"]
+    for group in ("largest", "others"):
+        for place in synth.PEAK_PLACES:
+            assert figures["peaks"][group][place] == round(game["peaks"][group][place], 4)

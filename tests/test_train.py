@@ -86,3 +86,14 @@ def test_a_stop_step_before_the_runs_start_is_refused(tmp_path):
         )
         assert done.returncode == 2 and "--stop-step must be in (0, 4]" in done.stderr
         assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_tower_flags_are_refused_for_a_timm_tower(tmp_path):
+    """A timm tower's architecture is fixed by its registration: ``--stem conv`` or a size flag
+    with ``--config tiny-synth-siglip`` is an error naming the flags, not silently ignored."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "scripts/train_tiny_synth.py"), "--out", str(out)]
+    flags = ["--config", "tiny-synth-siglip", "--stem", "conv", "--layers", "3"]
+    done = subprocess.run([*command, *flags], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "drop --layers, --stem conv" in done.stderr
+    assert not out.exists()

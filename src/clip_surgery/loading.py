@@ -520,6 +520,11 @@ def _load_file(path: Path, name: str | None, device, quick_gelu, tokenizer=None)
         label, mean, std = path.name, None, None  # tokenizer None: CLIP's BPE
     else:
         use_quick = openai_style if quick_gelu is None else quick_gelu
+        tower = (
+            (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("timm_model_name")
+        )
+        if str(tower).startswith("tiny_synth_"):  # a config of ours naming a bundled tower
+            register_bundled_towers()
         with _quiet_logging():  # "no pretrained weights loaded": we load them next
             model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick)
         _install_stem(model, state_dict)

@@ -421,8 +421,10 @@ def pointing_game(
 def pointing_figures(
     model, methods: tuple[str, ...], split: str = "test", count: int = 200
 ) -> dict[str, dict]:
-    """Per method, ``pointing_game``'s figures rounded to 4 decimals: ``all``, ``large``,
-    ``background_peak``, ``pairs`` and ``peaks`` (what the measuring scripts record)."""
+    """Per method, the pointing game's figures as the measuring scripts record them.
+
+    ``all``, ``large`` and ``background_peak`` rounded to 4 decimals, ``pairs``, and ``peaks``
+    (its shares rounded the same way)."""
     figures = {}
     for method in methods:
         game = pointing_game(model, method, split, count)
