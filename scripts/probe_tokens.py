@@ -9,7 +9,8 @@ of) and scored on 400 validation scenes: accuracy over all tokens, over tokens o
 on the small / large shapes (tokens of a category that a small and the large shape of the
 scene share are in neither of these two groups). The last line: on tokens of a shape, how
 often the projected token's nearest text among the five shape names (85-template ensembles)
-is its own shape. Run:
+is its own shape. For the small shapes' tokens, also how often the probe takes them for the
+background or for the scene's large shape. Run:
 ``.venv/bin/python scripts/probe_tokens.py`` (the bundled model) or ``... CONFIG.json
 [WEIGHTS.safetensors]`` (an open_clip ViT tower with a CLS token; timm towers are refused).
 """
@@ -33,10 +34,11 @@ from clip_surgery import synth
 CLASSES = len(synth.CLASSES)
 
 
-def token_features(model, split: str, count: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def token_features(model, split: str, count: int) -> tuple[dict, torch.Tensor, ...]:
     """Patch-token features per depth, class shares and size groups over ``count`` scenes.
 
-    Returns ``{name: [T, D]}``, ``[T, 6]`` and ``[T]`` (``_token_labels``'s groups)."""
+    Returns ``{name: [T, D]}``, ``[T, 6]``, ``[T]`` (``_token_labels``'s groups) and ``[T]``
+    (the class of the scene's large shape)."""
     visual = model.clip.visual
     captured: dict[str, torch.Tensor] = {}
 
@@ -47,7 +49,7 @@ def token_features(model, split: str, count: int) -> tuple[dict, torch.Tensor, t
     blocks = visual.transformer.resblocks
     handles += [b.register_forward_hook(keep(f"block {i + 1}")) for i, b in enumerate(blocks)]
     features: dict[str, list[torch.Tensor]] = {}
-    shares, groups = [], []
+    shares, groups, larges = [], [], []
     try:
         for begin in range(0, count, 100):
             scenes = synth.scenes(split, min(100, count - begin), begin)
@@ -64,10 +66,13 @@ def token_features(model, split: str, count: int) -> tuple[dict, torch.Tensor, t
                 share, group = _token_labels(scene, grid)
                 shares.append(share)
                 groups.append(group)
+                large = next(o.shape for o in scene.objects if o.size == "large")
+                larges.append(torch.full_like(group, synth.SHAPES.index(large) + 1))
     finally:
         for handle in handles:
             handle.remove()
-    return {k: torch.cat(v) for k, v in features.items()}, torch.cat(shares), torch.cat(groups)
+    tokens = {k: torch.cat(v) for k, v in features.items()}
+    return tokens, torch.cat(shares), torch.cat(groups), torch.cat(larges)
 
 
 def _token_labels(scene: synth.Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +129,8 @@ def main() -> None:
         model = clip_surgery.load("tiny-synth")
     if not hasattr(model.clip.visual, "ln_pre"):
         parser.error("the probes read an open_clip ViT tower (ln_pre, blocks, proj, a CLS token)")
-    train_x, train_share, _ = token_features(model, "train", 1000)
-    val_x, val_share, val_group = token_features(model, "val", 400)
+    train_x, train_share, _, _ = token_features(model, "train", 1000)
+    val_x, val_share, val_group, val_large = token_features(model, "val", 400)
     train_keep, val_keep = train_share.max(1).values >= 0.5, val_share.max(1).values >= 0.5
     train_y, val_y = train_share.argmax(1), val_share.argmax(1)
     on_shape = val_keep & (val_y > 0)
@@ -138,8 +143,13 @@ def main() -> None:
     report = {}
     for name in train_x:
         predict = fit_probe(train_x[name][train_keep], train_y[train_keep])
-        right = predict(val_x[name]) == val_y
+        predicted = predict(val_x[name])
+        right = predicted == val_y
         report[name] = {g: round(right[m].float().mean().item(), 3) for g, m in groups.items()}
+        small = groups["small shape"]  # what the small shapes' tokens are taken for instead
+        read_as = {"background": predicted == 0, "the large shape": predicted == val_large}
+        for what, hit in read_as.items():
+            report[name][f"small shape read as {what}"] = round(hit[small].float().mean().item(), 3)
     text = model.encode_text(list(synth.SHAPES))
     nearest = (F.normalize(val_x["projected"], dim=-1) @ text.T).argmax(1) + 1
     own = (nearest == val_y)[on_shape].float().mean().item()
