@@ -479,6 +479,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     checkpoint(reached)
     model.eval()
+    timm = is_timm_config(config)
     metrics = {
         "config": config,
         "steps": args.steps,
@@ -487,9 +488,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "group": args.group,
         "positions": args.positions,
-        "stem": None if is_timm_config(config) else args.stem,  # a timm tower: its own
-        "stem_mixing": None if is_timm_config(config) else args.stem_mixing,
-        "pool": None if is_timm_config(config) else args.pool,
+        "stem": None if timm else args.stem,  # a timm tower: its own
+        "stem_mixing": None if timm else args.stem_mixing,
+        "pool": None if timm else args.pool,
         "captions": args.captions,
         "loss": args.loss,
         "lr": args.lr,

@@ -180,8 +180,6 @@ def _load_bundled(name: str, device) -> SurgeryModel:
     if name not in open_clip.list_models():
         open_clip.add_model_config(folder / f"{name}.json")
     config = open_clip.get_model_config(name)  # registered above
-    if "timm_model_name" in config["vision_cfg"]:
-        register_bundled_towers()
     context = config["text_cfg"]["context_length"]
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)  # CLIP's BPE, offline
     return _load_file(weights, name, device, quick_gelu=None, tokenizer=tokenizer)
@@ -520,10 +518,8 @@ def _load_file(path: Path, name: str | None, device, quick_gelu, tokenizer=None)
         label, mean, std = path.name, None, None  # tokenizer None: CLIP's BPE
     else:
         use_quick = openai_style if quick_gelu is None else quick_gelu
-        tower = (
-            (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("timm_model_name")
-        )
-        if str(tower).startswith("tiny_synth_"):  # a config of ours naming a bundled tower
+        config = open_clip.get_model_config(name) or {}
+        if "timm_model_name" in config.get("vision_cfg", {}):  # it may name one of our towers
             register_bundled_towers()
         with _quiet_logging():  # "no pretrained weights loaded": we load them next
             model = open_clip.create_model(name, pretrained=None, force_quick_gelu=use_quick)

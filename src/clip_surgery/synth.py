@@ -170,8 +170,6 @@ def _caption(
     (``mode="some"``), every one (``"all"``; k is drawn either way), or k drawn without
     replacement with probability proportional to their visible pixels, in the order drawn
     (``"area"``: no word of the caption depends on comparing the shapes' sizes)."""
-    if mode not in CAPTION_MODES:
-        raise ValueError(f"unknown caption mode {mode!r}; choose one of {', '.join(CAPTION_MODES)}")
     ordered = [o for o in sorted(objects, key=lambda o: -o.pixels) if o.pixels > 0]
     count = int(rng.integers(1, len(ordered) + 1))
     if mode == "area":
@@ -261,6 +259,10 @@ def make_scene(seed: int, variant: int = 0, captions: str = "some") -> Scene:
     same scene with other shape categories (see the module docstring); variant 0 is the scene
     itself. ``captions``: which shapes the caption names (``CAPTION_MODES``, see ``_caption``).
     """
+    if captions not in CAPTION_MODES:  # before any rendering
+        raise ValueError(
+            f"unknown caption mode {captions!r}; choose one of {', '.join(CAPTION_MODES)}"
+        )
     rng = np.random.default_rng(seed)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     image = _background(background, rng)
