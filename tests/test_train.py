@@ -97,3 +97,33 @@ def test_tower_flags_are_refused_for_a_timm_tower(tmp_path):
     done = subprocess.run([*command, *flags], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "drop --layers, --stem conv" in done.stderr
     assert not out.exists()
+
+
+def test_the_token_probe_groups_tokens_by_object_not_by_category():
+    """``scripts/probe_tokens.py``: a token of a small shape whose category the large shape also
+    has is in neither size group (known answer on a hand-made 2 x 2 token scene)."""
+    import importlib.util
+
+    import numpy as np
+
+    from clip_surgery import synth
+
+    spec = importlib.util.spec_from_file_location("probe", ROOT / "scripts/probe_tokens.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    circle, square = synth.SHAPES.index("circle") + 1, synth.SHAPES.index("square") + 1
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:32, :32] = circle  # token 0: the large circle
+    labels[:32, 32:] = square  # token 1: a small square
+    labels[32:, :32] = circle  # token 2: a small circle (category shared with the large shape)
+    objects = [
+        synth.SceneObject("circle", "red", "plain", "large", 1024),
+        synth.SceneObject("square", "red", "plain", "small", 1024),
+        synth.SceneObject("circle", "red", "plain", "small", 1024),
+    ]
+    scene = synth.Scene(np.zeros((64, 64, 3), np.uint8), labels, "", objects)
+    share, group = probe._token_labels(scene, 2)
+    assert share.argmax(1).tolist() == [circle, square, circle, 0]
+    assert group.tolist() == [0, 1, 0, 0]
+    scene.objects = objects[:2]  # no small circle: the circle tokens are the large shape's
+    assert probe._token_labels(scene, 2)[1].tolist() == [2, 1, 2, 0]
