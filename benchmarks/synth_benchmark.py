@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="deletion/insertion steps")
     args = parser.parse_args()
     torch.manual_seed(0)
+    synth.DESIGN = synth.bundled_design(args.model)  # every scene below: the model's own design
     started = time.perf_counter()
     model = clip_surgery.load(args.model)
     forward = forward_ms(model)

@@ -28,14 +28,16 @@ def main() -> None:
     parser.add_argument("config", type=Path, help="the run's config JSON (pooling included)")
     parser.add_argument("--weights", type=Path, default=None, help="default: CONFIG.safetensors")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--design", choices=synth.DESIGNS, default=synth.DESIGN, help="scenes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     weights = args.weights or args.config.with_suffix(".safetensors")
     open_clip.add_model_config(args.config)  # registered under the file's stem
     model = clip_surgery.load(args.config.stem, pretrained=str(weights))
     model.cache_dir = None
-    figures = {"zero_shot_test_1000": synth.zero_shot_accuracy(model, "test", 1000)}
-    figures.update(synth.pointing_figures(model, ("raw", "clip_surgery", "clearclip")))
+    figures = {"zero_shot_test_1000": synth.zero_shot_accuracy(model, "test", 1000, args.design)}
+    methods = ("raw", "clip_surgery", "clearclip")
+    figures.update(synth.pointing_figures(model, methods, design=args.design))
     print(json.dumps(figures, indent=2))
 
 

@@ -119,8 +119,10 @@ def main() -> None:
     parser.add_argument("config", type=Path, nargs="?", help="a candidate's config JSON")
     parser.add_argument("weights", type=Path, nargs="?", help="default: CONFIG.safetensors")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--design", choices=synth.DESIGNS, default=synth.DESIGN, help="scenes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    synth.DESIGN = args.design  # every scene this script draws
     if args.config:
         open_clip.add_model_config(args.config)
         weights = args.weights or args.config.with_suffix(".safetensors")

@@ -149,11 +149,18 @@ class Batches(torch.utils.data.Dataset):
     captions).
     """
 
-    def __init__(self, size: int, group: int, context_length: int, captions: str = "some"):
+    def __init__(
+        self,
+        size: int,
+        group: int,
+        context_length: int,
+        captions: str = "some",
+        design: str = synth.DESIGN,
+    ):
         if size % group:
             raise ValueError(f"batch size {size} is not a multiple of the group {group}")
         self.size, self.group, self.context_length = size, group, context_length
-        self.captions = captions
+        self.captions, self.design = captions, design
         self.tokenizer = None
 
     def __len__(self) -> int:
@@ -164,7 +171,9 @@ class Batches(torch.utils.data.Dataset):
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
         per_step = self.size // self.group
         scenes = [
-            synth.make_scene(synth.scene_seed("train", step * per_step + k), variant, self.captions)
+            synth.make_scene(
+                synth.scene_seed("train", step * per_step + k), variant, self.captions, self.design
+            )
             for k in range(per_step)
             for variant in range(self.group)
         ]
@@ -347,6 +356,13 @@ def main() -> None:
         "proportion to their visible pixels (area)",
     )
     parser.add_argument(
+        "--design",
+        choices=synth.DESIGNS,
+        default=synth.DESIGN,
+        help="scenes whose shapes show their category by outline alone, or also by a material "
+        "(synth.MATERIALS); validation uses the same design",
+    )
+    parser.add_argument(
         "--pool",
         choices=("tok", "avg"),
         default="tok",
@@ -372,6 +388,7 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=1000)
     parser.add_argument("--pointing-count", type=int, default=200)
     args = parser.parse_args()
+    synth.DESIGN = args.design  # the validation scenes (evaluate) match the training ones
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -407,7 +424,7 @@ def main() -> None:
     if args.stop_step is not None and not start < args.stop_step <= args.steps:
         parser.error(f"--stop-step must be in ({start}, {args.steps}]: after this run's start")
     data = torch.utils.data.DataLoader(
-        Batches(args.batch_size, args.group, model.context_length, args.captions),
+        Batches(args.batch_size, args.group, model.context_length, args.captions, args.design),
         batch_size=None,
         sampler=range(start, args.steps),
         num_workers=args.workers,
@@ -492,6 +509,7 @@ def main() -> None:
         "stem_mixing": None if timm else args.stem_mixing,
         "pool": None if timm else args.pool,
         "captions": args.captions,
+        "design": args.design,
         "loss": args.loss,
         "lr": args.lr,
         "warmup": args.warmup,

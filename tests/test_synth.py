@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from importlib.resources import files
@@ -29,9 +30,10 @@ def test_scenes_are_deterministic_and_splits_disjoint():
     assert not (seeds["train"] & seeds["val"]) and not (seeds["val"] & seeds["test"])
 
 
+@pytest.mark.parametrize("design", synth.DESIGNS)
 @pytest.mark.parametrize("index", range(20))
-def test_labels_match_objects_and_captions(index):
-    scene = synth.make_scene(synth.scene_seed("test", index))
+def test_labels_match_objects_and_captions(index, design):
+    scene = synth.make_scene(synth.scene_seed("test", index), design=design)
     assert scene.image.shape == (64, 64, 3) and scene.image.dtype == np.uint8
     assert scene.labels.shape == (64, 64)
     present = {synth.CLASSES[c] for c in np.unique(scene.labels) if c}
@@ -72,12 +74,13 @@ def _first_named(caption: str) -> str:
         ),
     ],
 )
-def test_default_captions_are_pinned(index, some, every):
-    """The default captions (the k largest shapes) and "all" (every visible shape) as generated
-    since the scenes of issue 17: the training data of the shipped model."""
+def test_outline_captions_are_pinned(index, some, every):
+    """The default captions (the k largest shapes) and "all" (every visible shape) of the
+    outline design as generated since the scenes of issue 17: the training data of
+    tiny-synth-siglip."""
     seed = synth.scene_seed("test", index)
-    assert synth.make_scene(seed).caption == some
-    assert synth.make_scene(seed, captions="all").caption == every
+    assert synth.make_scene(seed, design="outline").caption == some
+    assert synth.make_scene(seed, captions="all", design="outline").caption == every
 
 
 def test_caption_modes_change_only_the_caption():
@@ -111,13 +114,16 @@ def test_caption_modes_change_only_the_caption():
         synth.make_scene(seed, captions="largest")
 
 
+@pytest.mark.parametrize("design", synth.DESIGNS)
 @pytest.mark.parametrize("index", range(8))
-def test_variants_change_only_the_shapes(index):
+def test_variants_change_only_the_shapes(index, design):
     seed = synth.scene_seed("train", index)
-    scene, again = synth.make_scene(seed), synth.make_scene(seed, variant=0)
+    scene = synth.make_scene(seed, design=design)
+    again = synth.make_scene(seed, variant=0, design=design)
     assert np.array_equal(scene.image, again.image) and scene.caption == again.caption
-    variant = synth.make_scene(seed, variant=1 + index % 3)
-    assert np.array_equal(variant.image, synth.make_scene(seed, variant=1 + index % 3).image)
+    variant = synth.make_scene(seed, variant=1 + index % 3, design=design)
+    repeat = synth.make_scene(seed, variant=1 + index % 3, design=design)
+    assert np.array_equal(variant.image, repeat.image)
     assert variant.background == scene.background
     # same colours, textures and sizes in drawing order; other shape categories
     keep = [(o.colour, o.texture, o.size) for o in scene.objects]
@@ -130,6 +136,29 @@ def test_variants_change_only_the_shapes(index):
     assert np.array_equal(scene.image[free], variant.image[free])
     present = {synth.CLASSES[c] for c in np.unique(variant.labels) if c}
     assert present == {o.shape for o in variant.objects if o.pixels > 0}
+
+
+def test_each_category_has_a_material_of_its_own():
+    """With the same draws the five categories get five different fills; each fill repeats with
+    its period along both axes (it tells the category, not the position); its pattern stands out
+    on every colour; the captions of material scenes name no texture."""
+    draws = np.array([0.0, 0.25, 0.25])  # period 4 px, phase 2 px
+    for colour in synth.COLOURS.values():
+        rgb = np.array(colour, np.float32)
+        fills = {shape: synth._material(shape, rgb, draws) for shape in synth.SHAPES}
+        for first, second in itertools.combinations(synth.SHAPES, 2):
+            assert (fills[first] != fills[second]).any(-1).mean() > 0.2, (first, second)
+        for shape, fill in fills.items():
+            assert (fill[4:] == fill[:-4]).all(-1).mean() > 0.99, shape
+            assert (fill[:, 4:] == fill[:, :-4]).all(-1).mean() > 0.99, shape
+            luminance = np.unique(fill @ np.array([0.299, 0.587, 0.114], np.float32))
+            assert len(luminance) == 2 and np.ptp(luminance) > 60, (shape, colour)
+    for index in range(30):
+        scene = synth.make_scene(synth.scene_seed("test", index), design="material")
+        assert {o.texture for o in scene.objects} == {"plain"}
+        assert not set(synth.TEXTURES[1:]) & set(scene.caption.split())
+    with pytest.raises(ValueError, match="scene design"):
+        synth.make_scene(0, design="photo")
 
 
 def test_export_is_readable_by_the_harness(tmp_path):
@@ -158,7 +187,7 @@ def test_bundled_model_loads_offline_and_reaches_its_stated_accuracy(name):
     assert model.native_size == 64 and model.is_vit
     weights = files("clip_surgery").joinpath(f"data/models/{name}.safetensors")
     assert weights.stat().st_size <= 16 * 2**20
-    accuracy = synth.zero_shot_accuracy(model, "test", stated["eval_count"])
+    accuracy = synth.zero_shot_accuracy(model, "test", stated["eval_count"], stated["design"])
     assert accuracy == pytest.approx(stated["shipped_test_zero_shot_accuracy"], abs=0.01)
     # far above the 20% of guessing among five shapes; tiny-synth: issue 17's bar
     assert accuracy >= {"tiny-synth": 0.85}.get(name, 0.4)
@@ -176,7 +205,8 @@ def test_bundled_model_points_at_the_shapes_as_stated(name, method):
     stated = _stated(name)
     pinned = stated["shipped_pointing"][method]
     tolerance = stated["pointing_tolerance"]
-    game = synth.pointing_game(clip_surgery.load(name), method, "test", 200)
+    model = clip_surgery.load(name)
+    game = synth.pointing_game(model, method, "test", 200, design=stated["design"])
     assert game["pairs"] == pinned["pairs"]
     assert game["all"] == pytest.approx(pinned["all"], abs=tolerance)
     assert game["large"] == pytest.approx(pinned["large"], abs=tolerance)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 import clip_surgery
+from clip_surgery import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -102,12 +105,6 @@ def test_tower_flags_are_refused_for_a_timm_tower(tmp_path):
 def test_the_token_probe_groups_tokens_by_object_not_by_category():
     """``scripts/probe_tokens.py``: a token of a small shape whose category the large shape also
     has is in neither size group (known answer on a hand-made 2 x 2 token scene)."""
-    import importlib.util
-
-    import numpy as np
-
-    from clip_surgery import synth
-
     spec = importlib.util.spec_from_file_location("probe", ROOT / "scripts/probe_tokens.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
@@ -127,3 +124,18 @@ def test_the_token_probe_groups_tokens_by_object_not_by_category():
     assert group.tolist() == [0, 1, 0, 0]
     scene.objects = objects[:2]  # no small circle: the circle tokens are the large shape's
     assert probe._token_labels(scene, 2)[1].tolist() == [2, 1, 2, 0]
+
+
+def test_batches_draw_the_chosen_scene_design():
+    """``--design``: a training batch holds the scenes (and their variants) of that design."""
+    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    for design in synth.DESIGNS:
+        images, _, _ = trainer.Batches(10, 5, 77, design=design)[3]
+        expected = [
+            synth.make_scene(synth.scene_seed("train", 3 * 2 + k), variant, design=design).image
+            for k in range(2)
+            for variant in range(5)
+        ]
+        assert np.array_equal(images.numpy(), np.stack(expected))

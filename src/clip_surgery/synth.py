@@ -40,6 +40,10 @@ BACKGROUNDS = ("stripes", "dots", "noise", "gradient", "checks")
 SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 CLASSES = ("background", *SHAPES)
 CAPTION_MODES = ("some", "all", "area")  # which shapes a caption names (``_caption``)
+# How a shape shows its category: by its outline alone, or also by a material of its own
+# (``_material``) that every part of it shows, as fur or wheels show in photographs.
+DESIGNS = ("outline", "material")
+DESIGN = "outline"
 
 
 @dataclass
@@ -67,6 +71,15 @@ class Scene:
     def main_shape(self) -> str:
         """The shape category with the most visible pixels (the classification target)."""
         return max(self.objects, key=lambda o: o.pixels).shape
+
+
+def bundled_design(model: str) -> str:
+    """The scene design a bundled model ("tiny-synth", "tiny-synth-siglip") was trained on."""
+    import json
+    from importlib.resources import files
+
+    path = files("clip_surgery").joinpath(f"data/models/{model}.metrics.json")
+    return json.loads(path.read_text())["design"]
 
 
 def scene_seed(split: str, index: int) -> int:
@@ -126,6 +139,41 @@ def _texture(texture: str, colour: np.ndarray, rng: np.random.Generator) -> np.n
         return np.where(stripes, base, base * 0.45)
     dots = ((np.mod(xs, 5) - 2.5) ** 2 + (np.mod(ys, 5) - 2.5) ** 2 < 2.2)[..., None]
     return np.where(dots, base * 0.4 + 150, base)
+
+
+MATERIALS = {  # the category's own fill pattern, in image coordinates (no hint of position)
+    "circle": "polka dots",
+    "square": "small checks",
+    "triangle": "diagonal stripes",
+    "cross": "horizontal stripes",
+    "ring": "vertical stripes",
+}
+
+
+def _material(shape: str, colour: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The fill of a ``shape`` in ``colour``: its category's pattern (``MATERIALS``) at a period
+    and phase set by ``draws`` (3 uniform numbers, drawn whatever the category, so variants of a
+    scene consume the same random stream). The patterns differ in kind or orientation, so an
+    8 px patch of any of them tells the category."""
+    ys, xs = _grid()
+    period = 4.0 + 2.0 * draws[0]
+    y, x = ys + draws[1] * 8, xs + draws[2] * 8
+    base = np.broadcast_to(colour, (SIZE, SIZE, 3)).astype(np.float32)
+    light = float(np.dot(colour, (0.299, 0.587, 0.114))) > 120  # contrast on every colour
+    accent = base * 0.35 + (0 if light else 150)
+    if shape == "circle":
+        pattern = (np.mod(x, period) - period / 2) ** 2 + (np.mod(y, period) - period / 2) ** 2
+        on = pattern < (period * 0.22) ** 2
+    elif shape == "square":
+        cell = period / 2
+        on = (np.floor(x / cell) + np.floor(y / cell)) % 2 == 0
+    elif shape == "triangle":
+        on = np.mod(x + y, period) < period / 2
+    elif shape == "cross":
+        on = np.mod(y, period) < period / 2
+    else:  # ring
+        on = np.mod(x, period) < period / 2
+    return np.where(on[..., None], accent, base)
 
 
 def _background(kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -251,18 +299,26 @@ def _place(areas: list[float], rng: np.random.Generator) -> list[tuple[float, fl
     return centres
 
 
-def make_scene(seed: int, variant: int = 0, captions: str = "some") -> Scene:
+def make_scene(
+    seed: int, variant: int = 0, captions: str = "some", design: str | None = None
+) -> Scene:
     """The scene of ``seed``: deterministic image, labels and caption.
 
     One large shape and up to two small ones (areas ``LARGE_AREA`` / ``SMALL_AREA`` pixels),
     coloured and textured, on a textured background, with mild noise. ``variant > 0``: the
     same scene with other shape categories (see the module docstring); variant 0 is the scene
     itself. ``captions``: which shapes the caption names (``CAPTION_MODES``, see ``_caption``).
+    ``design``: ``DESIGNS``, default ``DESIGN``; with "material" each shape is filled with its
+    category's pattern (``_material``) instead of a texture of its own, and captions name no
+    texture.
     """
+    design = DESIGN if design is None else design
     if captions not in CAPTION_MODES:  # before any rendering
         raise ValueError(
             f"unknown caption mode {captions!r}; choose one of {', '.join(CAPTION_MODES)}"
         )
+    if design not in DESIGNS:
+        raise ValueError(f"unknown scene design {design!r}; choose one of {', '.join(DESIGNS)}")
     rng = np.random.default_rng(seed)
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     image = _background(background, rng)
@@ -275,7 +331,10 @@ def make_scene(seed: int, variant: int = 0, captions: str = "some") -> Scene:
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
         texture = TEXTURES[rng.integers(len(TEXTURES))]
         angle = rng.uniform(0, np.pi)
-        fill = _texture(texture, np.array(COLOURS[colour], np.float32), rng)
+        if design == "material":
+            texture, fill = "plain", rng.random(3)  # the fill waits for the final category
+        else:
+            fill = _texture(texture, np.array(COLOURS[colour], np.float32), rng)
         if not np.isnan(cy):
             drawn.append((shape, colour, texture, index == 0, area, cy, cx, angle, fill))
     shapes = [d[0] for d in drawn]
@@ -288,6 +347,8 @@ def make_scene(seed: int, variant: int = 0, captions: str = "some") -> Scene:
         zip(shapes, drawn, strict=True)
     ):
         name = SHAPES[shape]
+        if design == "material":
+            fill = _material(name, np.array(COLOURS[colour], np.float32), fill)
         mask = _shape_mask(name, cy, cx, np.sqrt(area / AREA_PER_RADIUS2[name]), angle)
         image = np.where(mask[..., None], fill, image)
         labels[mask] = shape + 1
@@ -302,12 +363,12 @@ def make_scene(seed: int, variant: int = 0, captions: str = "some") -> Scene:
     return Scene(picture, labels, caption, objects, background)
 
 
-def scenes(split: str, count: int, start: int = 0) -> list[Scene]:
-    """``count`` scenes of ``split`` from index ``start``."""
-    return [make_scene(scene_seed(split, start + i)) for i in range(count)]
+def scenes(split: str, count: int, start: int = 0, design: str | None = None) -> list[Scene]:
+    """``count`` scenes of ``split`` from index ``start`` (``design``: see ``make_scene``)."""
+    return [make_scene(scene_seed(split, start + i), design=design) for i in range(count)]
 
 
-def export_voc(root, split: str = "test", count: int = 200) -> list[str]:
+def export_voc(root, split: str = "test", count: int = 200, design: str | None = None) -> list[str]:
     """Write ``count`` scenes of ``split`` in the VOC layout of the evaluation harness
     (dataset ``synthetic``: lossless PNG images, label PNGs, ``val.txt``); returns the ids."""
     from pathlib import Path
@@ -319,7 +380,7 @@ def export_voc(root, split: str = "test", count: int = 200) -> list[str]:
         (base / folder).mkdir(parents=True, exist_ok=True)
     keys = []
     for index in range(count):
-        scene = make_scene(scene_seed(split, index))
+        scene = make_scene(scene_seed(split, index), design=design)
         key = f"{split}_{index:05d}"
         Image.fromarray(scene.image).save(base / "JPEGImages" / f"{key}.png")
         Image.fromarray(scene.labels, mode="L").save(base / "SegmentationClass" / f"{key}.png")
@@ -328,7 +389,9 @@ def export_voc(root, split: str = "test", count: int = 200) -> list[str]:
     return keys
 
 
-def zero_shot_accuracy(model, split: str = "test", count: int = 1000) -> float:
+def zero_shot_accuracy(
+    model, split: str = "test", count: int = 1000, design: str | None = None
+) -> float:
     """Share of ``split`` scenes whose largest shape is CLIP's top class among SHAPES.
 
     ``model`` is a SurgeryModel: the default 85-template ensemble per shape name, CLIP's plain
@@ -339,7 +402,7 @@ def zero_shot_accuracy(model, split: str = "test", count: int = 1000) -> float:
     text = model.encode_text(list(SHAPES))
     correct = 0
     for begin in range(0, count, 256):
-        chunk = [make_scene(scene_seed(split, i)) for i in range(begin, min(begin + 256, count))]
+        chunk = scenes(split, min(256, count - begin), begin, design)
         images = torch.stack([_to_input(model, s.image) for s in chunk])
         cls = model.encode_image(images, surgery=False)[:, 0]
         guesses = (torch.nn.functional.normalize(cls, dim=-1) @ text.T).argmax(dim=-1).tolist()
@@ -361,6 +424,7 @@ def pointing_game(
     *,
     min_pixels: int = 200,
     batch: int = 50,
+    design: str | None = None,
     **options,
 ) -> dict:
     """The pointing game of ``method`` on ``count`` scenes of ``split``, class set = SHAPES.
@@ -385,7 +449,7 @@ def pointing_game(
 
     landing, largest, sizes, chance, oracle = [], [], [], [], []
     for begin in range(0, count, batch):
-        chunk = scenes(split, min(batch, count - begin), start=begin)
+        chunk = scenes(split, min(batch, count - begin), begin, design)
         images = torch.stack([_to_input(model, s.image) for s in chunk])
         result = model.explain(images, list(SHAPES), method=method, **options)
         maps = similarity_map(result.similarity.float().cpu(), (SIZE, SIZE), result.grid)
@@ -421,7 +485,11 @@ def pointing_game(
 
 
 def pointing_figures(
-    model, methods: tuple[str, ...], split: str = "test", count: int = 200
+    model,
+    methods: tuple[str, ...],
+    split: str = "test",
+    count: int = 200,
+    design: str | None = None,
 ) -> dict[str, dict]:
     """Per method, the pointing game's figures as the measuring scripts record them.
 
@@ -429,7 +497,7 @@ def pointing_figures(
     (its shares rounded the same way)."""
     figures = {}
     for method in methods:
-        game = pointing_game(model, method, split, count)
+        game = pointing_game(model, method, split, count, design=design)
         peaks = {
             group: {k: v if k == "pairs" else round(v, 4) for k, v in shares.items()}
             for group, shares in game["peaks"].items()
