@@ -87,7 +87,7 @@ def classify_figure(model) -> Path:
 def words_figure(model) -> Path:
     """Word importances and per-word maps for a short caption of scene 7."""
     _, picture = scene_image(7)
-    result = explain_words(model, picture, "a yellow ring and a red cross")
+    result = explain_words(model, picture, "a small blue ring and a large red cross")
     return save_png(word_figure(picture, result), HERE / "tiny_synth_words.png")
 
 

@@ -260,6 +260,7 @@ def test_loading_siglip_offline_says_what_is_missing(tmp_path):
         (64, "vit_small_patch14_reg4_dinov2", "token", "linear", "open_clip EVA", 5),  # registers
         (64, "tiny_synth_reg_vit", "token", "linear", "open_clip EVA", 5),  # conv stem, registers
         (64, "tiny_synth_map_vit", "map", "linear", "open_clip SigLIP", 0),  # conv stem, MAP head
+        (64, "tiny_synth_reg3_vit", "token", "linear", "open_clip EVA", 5),  # 3 blocks, registers
     ],
 )
 def test_other_timm_towers(embed, trunk, pool, proj, family, prefix):

@@ -83,6 +83,25 @@ def test_outline_captions_are_pinned(index, some, every):
     assert synth.make_scene(seed, captions="all", design="outline").caption == every
 
 
+@pytest.mark.parametrize(
+    ("index", "some", "every"),
+    [
+        (0, "a large cross in the scene", "a large cross in the scene"),
+        (
+            5,
+            "a photo of the small large red triangle.",  # a template's "small", as in CLIP's list
+            "a toy large red triangle and a small purple cross.",
+        ),
+    ],
+)
+def test_material_captions_are_pinned(index, some, every):
+    """The default design's captions: the training data of the shipped tiny-synth."""
+    seed = synth.scene_seed("test", index)
+    assert synth.DESIGN == "material"
+    assert synth.make_scene(seed).caption == some
+    assert synth.make_scene(seed, captions="all").caption == every
+
+
 def test_caption_modes_change_only_the_caption():
     """Caption mode "some" names the largest shape first; "area" draws the first named shape in
     proportion to the visible pixels (known shares 0.6 / 0.3 / 0.1); images and labels never
@@ -225,7 +244,7 @@ def test_bundled_model_explains_a_scene():
 def test_the_pointing_game_reports_a_token_grid_oracle():
     """An oracle map on the model's 8 x 8 grid (each token's share of the shape) points at
     nearly every shape: the grid is not what limits a method's pointing."""
-    game = synth.pointing_game(clip_surgery.load("tiny-synth"), "raw", "test", 20)
+    game = synth.pointing_game(clip_surgery.load("tiny-synth"), "raw", "test", 100)
     assert 0.9 <= game["oracle"] <= 1 and game["oracle_large"] >= game["oracle"]
     assert game["oracle"] > game["random"] + 0.5
     peaks = game["peaks"]  # the breakdown of where the peaks land agrees with the hit rates

@@ -109,6 +109,7 @@ BUNDLED = ("tiny-synth", "tiny-synth-siglip")
 TINY_TIMM_TOWER = "tiny_synth_siglip_vit"
 TINY_REGISTER_TOWER = "tiny_synth_reg_vit"
 TINY_MAP_TOWER = "tiny_synth_map_vit"
+TINY_REGISTER3_TOWER = "tiny_synth_reg3_vit"
 
 
 def register_bundled_towers() -> None:
@@ -117,11 +118,12 @@ def register_bundled_towers() -> None:
     SigLIP's MAP pooling head; ``tiny_synth_reg_vit``: a convolutional stem
     (``stem.ConvStem``), a CLS token and 4 register tokens (Darcet et al., "Vision Transformers
     Need Registers", ICLR 2024); ``tiny_synth_map_vit``: the convolutional stem, 3 blocks, no
-    CLS token, a MAP pooling head (a candidate architecture for tiny-synth)."""
+    CLS token, a MAP pooling head; ``tiny_synth_reg3_vit``: the convolutional stem, 3 blocks, a
+    CLS token and 4 registers (both candidate architectures for tiny-synth)."""
     import timm
     from timm.models import register_model
 
-    if TINY_MAP_TOWER in timm.list_models(TINY_MAP_TOWER):
+    if TINY_REGISTER3_TOWER in timm.list_models(TINY_REGISTER3_TOWER):
         return
 
     def tiny_synth_siglip_vit(pretrained: bool = False, **kwargs):
@@ -141,10 +143,19 @@ def register_bundled_towers() -> None:
         settings = dict(class_token=False, global_pool="map", embed_layer=ConvStemEmbed, depth=3)
         return _tiny_tower(kwargs, **settings)
 
+    def tiny_synth_reg3_vit(pretrained: bool = False, **kwargs):
+        """A conv-stem ViT of 3 blocks with CLS and register tokens."""
+        from .stem import ConvStemEmbed
+
+        settings = dict(reg_tokens=4, embed_layer=ConvStemEmbed, global_pool="token", depth=3)
+        return _tiny_tower(kwargs, **settings)
+
     tiny_synth_siglip_vit.__name__ = TINY_TIMM_TOWER
     tiny_synth_reg_vit.__name__ = TINY_REGISTER_TOWER
     tiny_synth_map_vit.__name__ = TINY_MAP_TOWER
-    for tower in (tiny_synth_siglip_vit, tiny_synth_reg_vit, tiny_synth_map_vit):
+    tiny_synth_reg3_vit.__name__ = TINY_REGISTER3_TOWER
+    towers = (tiny_synth_siglip_vit, tiny_synth_reg_vit, tiny_synth_map_vit, tiny_synth_reg3_vit)
+    for tower in towers:
         register_model(tower)
 
 

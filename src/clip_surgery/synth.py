@@ -1,10 +1,13 @@
 """Procedural captioned scenes with exact masks: the training data and benchmark of tiny-synth.
 
-Every scene is a pure function of its seed: one large and up to two small coloured, textured
-shapes (sizes set by area, so "the largest shape" is never a near tie; small ones may partly
-cover the large one) on a textured background ("stuff"), an exact label map (0 = background,
-then one class per shape category) and a caption in varied phrasings. Splits use disjoint seed
-ranges.
+Every scene is a pure function of its seed: one large and up to two small coloured shapes
+(sizes set by area, so "the largest shape" is never a near tie; small ones may partly cover the
+large one) on a textured background ("stuff"), an exact label map (0 = background, then one
+class per shape category) and a caption in varied phrasings. Splits use disjoint seed ranges.
+In the default design ("material") each shape is filled with its category's own pattern, so
+every part of a shape shows what it is (as fur or wheels do in photographs); in the "outline"
+design (the scenes of tiny-synth-siglip) a shape has one of three textures of its own and only
+its outline tells its category.
 
 ``make_scene(seed, variant=k)`` for ``k > 0`` renders the same scene (background, colours,
 textures, positions, sizes, angles, noise, caption wording) with other shape categories (the
@@ -43,7 +46,7 @@ CAPTION_MODES = ("some", "all", "area")  # which shapes a caption names (``_capt
 # How a shape shows its category: by its outline alone, or also by a material of its own
 # (``_material``) that every part of it shows, as fur or wheels show in photographs.
 DESIGNS = ("outline", "material")
-DESIGN = "outline"
+DESIGN = "material"
 
 
 @dataclass
@@ -145,16 +148,15 @@ MATERIALS = {  # the category's own fill pattern, in image coordinates (no hint 
     "circle": "polka dots",
     "square": "small checks",
     "triangle": "diagonal stripes",
-    "cross": "horizontal stripes",
-    "ring": "vertical stripes",
+    "cross": "grid lines",
+    "ring": "waves",
 }
 
 
 def _material(shape: str, colour: np.ndarray, draws: np.ndarray) -> np.ndarray:
     """The fill of a ``shape`` in ``colour``: its category's pattern (``MATERIALS``) at a period
     and phase set by ``draws`` (3 uniform numbers, drawn whatever the category, so variants of a
-    scene consume the same random stream). The patterns differ in kind or orientation, so an
-    8 px patch of any of them tells the category."""
+    scene consume the same random stream)."""
     ys, xs = _grid()
     period = 4.0 + 2.0 * draws[0]
     y, x = ys + draws[1] * 8, xs + draws[2] * 8
@@ -163,16 +165,16 @@ def _material(shape: str, colour: np.ndarray, draws: np.ndarray) -> np.ndarray:
     accent = base * 0.35 + (0 if light else 150)
     if shape == "circle":
         pattern = (np.mod(x, period) - period / 2) ** 2 + (np.mod(y, period) - period / 2) ** 2
-        on = pattern < (period * 0.22) ** 2
+        on = pattern < (period * 0.3) ** 2
     elif shape == "square":
         cell = period / 2
         on = (np.floor(x / cell) + np.floor(y / cell)) % 2 == 0
     elif shape == "triangle":
         on = np.mod(x + y, period) < period / 2
     elif shape == "cross":
-        on = np.mod(y, period) < period / 2
+        on = (np.mod(x, period) < 1.2) | (np.mod(y, period) < 1.2)
     else:  # ring
-        on = np.mod(x, period) < period / 2
+        on = np.mod(y + 1.5 * np.sin(x * 2 * np.pi / period), period) < period / 2
     return np.where(on[..., None], accent, base)
 
 
