@@ -31,6 +31,7 @@ from PIL import Image
 import clip_surgery
 from clip_surgery import backbones, methods, synth
 from clip_surgery.eval import runner
+from clip_surgery.loading import BUNDLED
 from clip_surgery.viz import overlay, save_png
 
 FIGURE_SCENES = (3, 7, 11, 20)
@@ -135,7 +136,7 @@ def method_row(model, name: str, folder: str, count: int, steps: int) -> dict:
 def main() -> None:
     """Run the benchmark; print the table; write JSON and the figure."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-synth", help="tiny-synth or tiny-synth-siglip")
+    parser.add_argument("--model", default="tiny-synth", choices=BUNDLED, help="a bundled model")
     parser.add_argument("--count", type=int, default=200, help="test scenes")
     parser.add_argument("--out", type=Path, default=Path("build/synth-benchmark"))
     parser.add_argument("--figure", type=Path, default=Path("docs/tiny_synth_methods.png"))
@@ -158,6 +159,7 @@ def main() -> None:
     figure(model, args.figure)
     report = {
         "model": args.model,
+        "design": synth.DESIGN,
         "weights": model.weights_hash,
         "test_scenes": args.count,
         "faithfulness_steps": args.steps,

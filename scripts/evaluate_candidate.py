@@ -28,17 +28,25 @@ def main() -> None:
     parser.add_argument("config", type=Path, help="the run's config JSON (pooling included)")
     parser.add_argument("--weights", type=Path, default=None, help="default: CONFIG.safetensors")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--design", choices=synth.DESIGNS, default=synth.DESIGN, help="scenes")
+    parser.add_argument(
+        "--design",
+        choices=synth.DESIGNS,
+        default=None,
+        help="scenes; default: the design CONFIG.metrics.json records (none recorded: outline)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     weights = args.weights or args.config.with_suffix(".safetensors")
+    design = args.design or synth.recorded_design(args.config.with_suffix(".metrics.json"))
+    if design is None:
+        parser.error(f"{args.config.with_suffix('.metrics.json')} is missing: pass --design")
     open_clip.add_model_config(args.config)  # registered under the file's stem
     model = clip_surgery.load(args.config.stem, pretrained=str(weights))
     model.cache_dir = None
-    figures = {"zero_shot_test_1000": synth.zero_shot_accuracy(model, "test", 1000, args.design)}
+    figures = {"zero_shot_test_1000": synth.zero_shot_accuracy(model, "test", 1000, design)}
     methods = ("raw", "clip_surgery", "clearclip")
-    figures.update(synth.pointing_figures(model, methods, design=args.design))
-    print(json.dumps(figures, indent=2))
+    figures.update(synth.pointing_figures(model, methods, design=design))
+    print(json.dumps({"design": design} | figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -119,9 +119,22 @@ def main() -> None:
     parser.add_argument("config", type=Path, nargs="?", help="a candidate's config JSON")
     parser.add_argument("weights", type=Path, nargs="?", help="default: CONFIG.safetensors")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--design", choices=synth.DESIGNS, default=synth.DESIGN, help="scenes")
+    parser.add_argument(
+        "--design",
+        choices=synth.DESIGNS,
+        default=None,
+        help="scenes; default: the model's own (CONFIG.metrics.json; none recorded: outline)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.design is None:
+        args.design = (
+            synth.recorded_design(args.config.with_suffix(".metrics.json"))
+            if args.config
+            else synth.bundled_design("tiny-synth")
+        )
+    if args.design is None:
+        parser.error(f"{args.config.with_suffix('.metrics.json')} is missing: pass --design")
     synth.DESIGN = args.design  # every scene this script draws
     if args.config:
         open_clip.add_model_config(args.config)

@@ -155,7 +155,7 @@ class Batches(torch.utils.data.Dataset):
         group: int,
         context_length: int,
         captions: str = "some",
-        design: str = synth.DESIGN,
+        design: str | None = None,
     ):
         if size % group:
             raise ValueError(f"batch size {size} is not a multiple of the group {group}")
@@ -287,6 +287,12 @@ def refine_grid(state: dict, model) -> dict:
     return state
 
 
+def checkpoint_design(path: Path) -> str:
+    """The scene design a full ``checkpoint.pt`` was trained on (runs before designs: outline)."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    return saved.get("args", {}).get("design", "outline")
+
+
 def restore(path: Path, model, optimizer, bias) -> tuple[int, list[float], int]:
     """Resume from ``checkpoint.pt`` (everything) or fp16 safetensors (weights; new optimizer;
     a model with half the patch size gets converted weights, see ``refine_grid``)."""
@@ -416,6 +422,12 @@ def main() -> None:
         eps=1e-6,
     )
     start, losses, schedule_start = 0, [], 0
+    if args.resume is not None and args.resume.suffix == ".pt":
+        trained_on = checkpoint_design(args.resume)
+        if trained_on != args.design:  # a run continues on its own scenes
+            parser.error(
+                f"{args.resume} was trained on the {trained_on} design; add --design {trained_on}"
+            )
     if args.resume is not None:
         start, losses, schedule_start = restore(args.resume, model, optimizer, bias)
         losses = losses[:start]

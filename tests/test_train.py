@@ -36,12 +36,18 @@ def train(out: Path, *extra: str) -> str:
 def test_a_run_stopped_and_resumed_gives_the_uninterrupted_runs_weights(tmp_path):
     """Four steps in one go, and a run stopped by ``--max-minutes`` (after one step) or by
     ``--stop-step 2`` then resumed from its ``checkpoint.pt``: bit-identical fp16 weights
-    (seeded batches, restored optimizer)."""
+    (seeded batches, restored optimizer). Resuming it on another scene design is refused."""
     log = train(tmp_path / "whole")
     assert "step 4/4" in log
     train(tmp_path / "part", "--max-minutes", "0.00001")
     stopped = json.loads((tmp_path / "part/tiny-synth.metrics.json").read_text())
     assert stopped["reached_step"] == 1 and not stopped["finished"]
+    command = [sys.executable, str(ROOT / "scripts/train_tiny_synth.py"), "--out"]
+    other = [*command, str(tmp_path / "part"), *SMALL, "--design", "outline", "--resume"]
+    refused = subprocess.run(
+        [*other, str(tmp_path / "part/checkpoint.pt")], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 2 and "trained on the material design" in refused.stderr
     train(tmp_path / "part", "--resume", str(tmp_path / "part/checkpoint.pt"))
     train(tmp_path / "steps", "--stop-step", "2")
     stopped = json.loads((tmp_path / "steps/tiny-synth.metrics.json").read_text())

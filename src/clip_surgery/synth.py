@@ -76,11 +76,27 @@ class Scene:
         return max(self.objects, key=lambda o: o.pixels).shape
 
 
+def recorded_design(metrics_path) -> str | None:
+    """The scene design a training run's metrics JSON records: "outline" for runs older than
+    the designs, ``None`` when there is no such file."""
+    import json
+    from pathlib import Path
+
+    path = Path(metrics_path)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("design", "outline")
+
+
 def bundled_design(model: str) -> str:
     """The scene design a bundled model ("tiny-synth", "tiny-synth-siglip") was trained on."""
     import json
     from importlib.resources import files
 
+    from .loading import BUNDLED
+
+    if model not in BUNDLED:
+        raise ValueError(f"{model!r} is not a bundled model; choose one of {', '.join(BUNDLED)}")
     path = files("clip_surgery").joinpath(f"data/models/{model}.metrics.json")
     return json.loads(path.read_text())["design"]
 
