@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     weights = args.weights or args.config.with_suffix(".safetensors")
-    design = args.design or synth.recorded_design(args.config.with_suffix(".metrics.json"))
+    design = args.design or synth.recorded_design(args.config)
     if design is None:
         parser.error(f"{args.config.with_suffix('.metrics.json')} is missing: pass --design")
     open_clip.add_model_config(args.config)  # registered under the file's stem

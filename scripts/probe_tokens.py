@@ -129,7 +129,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.design is None:
         args.design = (
-            synth.recorded_design(args.config.with_suffix(".metrics.json"))
+            synth.recorded_design(args.config)
             if args.config
             else synth.bundled_design("tiny-synth")
         )

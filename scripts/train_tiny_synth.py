@@ -230,12 +230,13 @@ def save_loss_curve(losses: list[float], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def evaluate(model, tokenizer, count: int, pointing_count: int) -> dict:
-    """Zero-shot accuracy and the pointing game (raw, clip_surgery) on validation scenes."""
+def evaluate(model, tokenizer, count: int, pointing_count: int, design: str) -> dict:
+    """Zero-shot accuracy and the pointing game (raw, clip_surgery) on validation scenes of
+    ``design`` (the training scenes')."""
     wrapped = clip_surgery.wrap(model, tokenizer, name="tiny-synth")
-    result = {"val_zero_shot": synth.zero_shot_accuracy(wrapped, "val", count)}
+    result = {"val_zero_shot": synth.zero_shot_accuracy(wrapped, "val", count, design)}
     for method in ("raw", "clip_surgery"):  # clip_surgery's default depth fits any tower
-        game = synth.pointing_game(wrapped, method, "val", pointing_count)
+        game = synth.pointing_game(wrapped, method, "val", pointing_count, design=design)
         result[f"val_pointing_{method}"] = round(game["all"], 4)
         result[f"val_pointing_{method}_large"] = round(game["large"], 4)
         result[f"val_background_peak_{method}"] = round(game["background_peak"], 4)
@@ -287,15 +288,11 @@ def refine_grid(state: dict, model) -> dict:
     return state
 
 
-def checkpoint_design(path: Path) -> str:
-    """The scene design a full ``checkpoint.pt`` was trained on (runs before designs: outline)."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    return saved.get("args", {}).get("design", "outline")
-
-
-def restore(path: Path, model, optimizer, bias) -> tuple[int, list[float], int]:
+def restore(path: Path, model, optimizer, bias) -> tuple[int, list[float], int, str | None]:
     """Resume from ``checkpoint.pt`` (everything) or fp16 safetensors (weights; new optimizer;
-    a model with half the patch size gets converted weights, see ``refine_grid``)."""
+    a model with half the patch size gets converted weights, see ``refine_grid``). Returns the
+    step, the losses, the schedule's start and the scene design a ``checkpoint.pt`` was trained
+    on (runs before designs: outline; fp16 weights: ``None``, they may start any design)."""
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -305,13 +302,14 @@ def restore(path: Path, model, optimizer, bias) -> tuple[int, list[float], int]:
         if bias is not None and "logit_bias" in extra:
             bias.data.fill_(extra["logit_bias"])
         step, losses = int(metadata.get("step", 0)), json.loads(metadata.get("losses", "[]"))
-        return step, losses, int(metadata.get("schedule_start", 0))
+        return step, losses, int(metadata.get("schedule_start", 0)), None
     saved = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     if bias is not None:
         bias.data.copy_(saved["bias"])
-    return saved["step"], saved["losses"], saved.get("schedule_start", 0)
+    design = saved.get("args", {}).get("design", "outline")
+    return saved["step"], saved["losses"], saved.get("schedule_start", 0), design
 
 
 def main() -> None:
@@ -394,7 +392,6 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=1000)
     parser.add_argument("--pointing-count", type=int, default=200)
     args = parser.parse_args()
-    synth.DESIGN = args.design  # the validation scenes (evaluate) match the training ones
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -422,14 +419,12 @@ def main() -> None:
         eps=1e-6,
     )
     start, losses, schedule_start = 0, [], 0
-    if args.resume is not None and args.resume.suffix == ".pt":
-        trained_on = checkpoint_design(args.resume)
-        if trained_on != args.design:  # a run continues on its own scenes
+    if args.resume is not None:
+        start, losses, schedule_start, trained_on = restore(args.resume, model, optimizer, bias)
+        if trained_on not in (None, args.design):  # a run continues on its own scenes
             parser.error(
                 f"{args.resume} was trained on the {trained_on} design; add --design {trained_on}"
             )
-    if args.resume is not None:
-        start, losses, schedule_start = restore(args.resume, model, optimizer, bias)
         losses = losses[:start]
         schedule_start = start if args.new_schedule else schedule_start
         print(f"resumed from {args.resume} at step {start}", file=sys.stderr)
@@ -494,7 +489,7 @@ def main() -> None:
             )
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             model.eval()
-            found = evaluate(model, tokenizer, 500, args.pointing_count)
+            found = evaluate(model, tokenizer, 500, args.pointing_count, args.design)
             history.append({"step": step + 1, **found})
             print(json.dumps(history[-1]), file=sys.stderr, flush=True)
             model.train()
@@ -539,7 +534,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     if metrics["finished"]:
-        metrics |= evaluate(model, tokenizer, args.eval_count, args.pointing_count)
+        metrics |= evaluate(model, tokenizer, args.eval_count, args.pointing_count, args.design)
         metrics["eval_count"] = args.eval_count
     (args.out / f"{name}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     save_loss_curve(losses, args.out / f"{name}-loss.png", f"{name} training")

@@ -76,13 +76,14 @@ class Scene:
         return max(self.objects, key=lambda o: o.pixels).shape
 
 
-def recorded_design(metrics_path) -> str | None:
-    """The scene design a training run's metrics JSON records: "outline" for runs older than
-    the designs, ``None`` when there is no such file."""
+def recorded_design(config_path) -> str | None:
+    """The scene design the metrics JSON beside a model's config JSON (``NAME.metrics.json``
+    beside ``NAME.json``) records: "outline" for runs older than the designs, ``None`` when there
+    is no such file."""
     import json
     from pathlib import Path
 
-    path = Path(metrics_path)
+    path = Path(config_path).with_suffix(".metrics.json")
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get("design", "outline")
@@ -90,15 +91,14 @@ def recorded_design(metrics_path) -> str | None:
 
 def bundled_design(model: str) -> str:
     """The scene design a bundled model ("tiny-synth", "tiny-synth-siglip") was trained on."""
-    import json
     from importlib.resources import files
+    from pathlib import Path
 
     from .loading import BUNDLED
 
     if model not in BUNDLED:
         raise ValueError(f"{model!r} is not a bundled model; choose one of {', '.join(BUNDLED)}")
-    path = files("clip_surgery").joinpath(f"data/models/{model}.metrics.json")
-    return json.loads(path.read_text())["design"]
+    return recorded_design(Path(str(files("clip_surgery").joinpath(f"data/models/{model}.json"))))
 
 
 def scene_seed(split: str, index: int) -> int:
