@@ -122,6 +122,17 @@ def test_scene_pictures_are_pinned(design, index, mean, labels_sha):
     assert float(scene.image.mean()) == pytest.approx(mean, abs=0.01)
 
 
+def test_a_runs_design_is_read_beside_its_config(tmp_path):
+    """``recorded_design``: the metrics JSON beside the config; a run older than the designs is
+    "outline"; no metrics file: ``None`` (the scripts then ask for ``--design``)."""
+    config = tmp_path / "run.json"
+    assert synth.recorded_design(config) is None
+    (tmp_path / "run.metrics.json").write_text(json.dumps({"steps": 3}))
+    assert synth.recorded_design(config) == "outline"
+    (tmp_path / "run.metrics.json").write_text(json.dumps({"design": "material"}))
+    assert synth.recorded_design(config) == "material"
+
+
 def test_bundled_models_name_their_design():
     assert synth.bundled_design("tiny-synth") == "material"
     assert synth.bundled_design("tiny-synth-siglip") == "outline"
