@@ -54,6 +54,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -64,7 +65,7 @@ from clip_surgery.images import OPENAI_MEAN, OPENAI_STD
 GROUPS_PER_SPLIT = 10_000_000  # train seeds available (synth.SPLITS)
 
 
-TOWER_FLAGS = ("width", "layers", "patch_size", "head_width", "stem_mixing")
+TOWER_FLAGS = ("width", "layers", "patch_size", "head_width", "stem_mixing", "image_size")
 
 
 def is_timm_config(config: dict) -> bool:
@@ -94,6 +95,8 @@ def model_config(args, error) -> dict:
         value = getattr(args, key)
         if value is not None:
             vision[key] = value
+    if args.image_size is not None:
+        vision["image_size"] = args.image_size
     vision["pool_type"] = args.pool  # explicit: the package's config pools by average
     return config
 
@@ -132,6 +135,17 @@ def build_model(
     return model
 
 
+def drop_patches(model: torch.nn.Module, share: float, error) -> None:
+    """Train ``model`` dropping a random ``share`` of each image's patch tokens (FLIP: Li et al.,
+    "Scaling Language-Image Pre-training via Masking", CVPR 2023; open_clip's ``PatchDropout``,
+    an identity in eval mode), so no token can count on the others being there."""
+    from open_clip.transformer import PatchDropout
+
+    if not 0 < share < 1 or not hasattr(model.visual, "patch_dropout"):
+        error("--patch-dropout takes a share in (0, 1) and an open_clip ViT tower")
+    model.visual.patch_dropout = PatchDropout(share).train(model.training)
+
+
 def to_tensor(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, S, S, 3]`` to CLIP-normalised float ``[B, 3, S, S]``."""
     tensor = images.permute(0, 3, 1, 2).float() / 255
@@ -144,7 +158,9 @@ class Batches(torch.utils.data.Dataset):
     """Training batch ``step``: ``size / group`` train scenes, each in ``group`` variants.
 
     Scene ``k`` of step ``s`` is train scene ``s * size / group + k``; its variants are
-    ``synth.make_scene(seed, 0..group-1)`` (variant 0 is the scene itself). Returns uint8
+    ``synth.make_scene(seed, v)`` for v in 0..group-1 (variant 0 is the scene itself), the last
+    ``small`` of them replaced by 5, 10, ...: variants that keep the large shape and draw the
+    small shapes' categories afresh (hard negatives for the small shapes). Returns uint8
     images ``[B, S, S, 3]``, tokens ``[B, L]`` and caption ids ``[B]`` (equal ids: equal
     captions).
     """
@@ -156,11 +172,16 @@ class Batches(torch.utils.data.Dataset):
         context_length: int,
         captions: str = "some",
         design: str | None = None,
+        small: int = 0,
+        image_size: int = synth.SIZE,
     ):
         if size % group:
             raise ValueError(f"batch size {size} is not a multiple of the group {group}")
+        if not 0 <= small < group:
+            raise ValueError(f"small-shape variants {small} must be in [0, group {group})")
         self.size, self.group, self.context_length = size, group, context_length
-        self.captions, self.design = captions, design
+        self.captions, self.design, self.image_size = captions, design, image_size
+        self.variants = [*range(group - small), *(5 * k for k in range(1, small + 1))]
         self.tokenizer = None
 
     def __len__(self) -> int:
@@ -175,13 +196,20 @@ class Batches(torch.utils.data.Dataset):
                 synth.scene_seed("train", step * per_step + k), variant, self.captions, self.design
             )
             for k in range(per_step)
-            for variant in range(self.group)
+            for variant in self.variants
         ]
         captions = [s.caption for s in scenes]
         first = {}
         ids = torch.tensor([first.setdefault(c, len(first)) for c in captions])
-        images = torch.from_numpy(np.stack([s.image for s in scenes]))
+        images = torch.from_numpy(np.stack([self.resized(s.image) for s in scenes]))
         return images, self.tokenizer(captions), ids
+
+    def resized(self, image: np.ndarray) -> np.ndarray:
+        """``image`` at the model's input size, resized as ``clip_surgery``'s preprocess does."""
+        if self.image_size == synth.SIZE:
+            return image
+        size = (self.image_size, self.image_size)
+        return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
 
 
 def contrastive_loss(image, text, scale, same, kind: str, bias=None) -> torch.Tensor:
@@ -259,32 +287,33 @@ def save_weights(
 
 
 def refine_grid(state: dict, model) -> dict:
-    """Weights of a ``p``-px-patch ViT for ``p/2``-px patches at the same input size.
+    """Saved ViT weights for ``model``'s token grid.
 
-    A ``p/2`` kernel summing each 2 x 2 block of the ``p`` kernel sees a scene exactly as the
-    old model saw it upsampled twice (nearest), and the positional table is resized bilinearly
-    to the doubled grid (patch-size resizing in the spirit of FlexiViT, Beyer et al., CVPR 2023).
+    A ``p``-px patch kernel for ``p/2``-px patches: a ``p/2`` kernel summing each 2 x 2 block of
+    the ``p`` kernel sees a scene exactly as the old model saw it upsampled twice (nearest). The
+    positional table, when ``model``'s grid differs (finer patches or a larger input), is resized
+    bilinearly to it (patch-size resizing in the spirit of FlexiViT, Beyer et al., CVPR 2023).
     """
-    if "visual.conv1.weight" not in state:  # a timm tower: no patch-size refinement
+    if "visual.positional_embedding" not in state:  # a timm tower: no grid refinement
         return state
-    kernel = state["visual.conv1.weight"]
-    wanted = model.state_dict()["visual.conv1.weight"].shape
-    if kernel.shape == wanted:
-        return state
-    if kernel.shape[-1] != 2 * wanted[-1]:
-        raise ValueError(f"cannot turn patches {tuple(kernel.shape)} into {tuple(wanted)}")
-    out, channels, size, _ = kernel.shape
+    wanted = model.state_dict()
     state = dict(state)
-    state["visual.conv1.weight"] = kernel.reshape(out, channels, size // 2, 2, size // 2, 2).sum(
-        dim=(3, 5)
-    )
+    kernel = state.get("visual.conv1.weight")
+    if kernel is not None and kernel.shape != wanted["visual.conv1.weight"].shape:
+        out, channels, size, _ = kernel.shape
+        if size != 2 * wanted["visual.conv1.weight"].shape[-1]:
+            shape = tuple(wanted["visual.conv1.weight"].shape)
+            raise ValueError(f"cannot turn patches {tuple(kernel.shape)} into {shape}")
+        state["visual.conv1.weight"] = kernel.reshape(
+            out, channels, size // 2, 2, size // 2, 2
+        ).sum(dim=(3, 5))
     table = state["visual.positional_embedding"]
-    grid = math.isqrt(table.shape[0] - 1)
-    patches = table[1:].T.reshape(1, -1, grid, grid)
-    patches = F.interpolate(
-        patches, size=(2 * grid, 2 * grid), mode="bilinear", align_corners=False
-    )
-    state["visual.positional_embedding"] = torch.cat([table[:1], patches[0].flatten(1).T])
+    rows = wanted["visual.positional_embedding"].shape[0]
+    if table.shape[0] != rows:
+        grid, new = math.isqrt(table.shape[0] - 1), math.isqrt(rows - 1)
+        patches = table[1:].T.reshape(1, -1, grid, grid)
+        patches = F.interpolate(patches, size=(new, new), mode="bilinear", align_corners=False)
+        state["visual.positional_embedding"] = torch.cat([table[:1], patches[0].flatten(1).T])
     return state
 
 
@@ -372,6 +401,28 @@ def main() -> None:
         default="tok",
         help="image embedding: the CLS token, or the mean of the patch tokens (open_clip ViT)",
     )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="the tower's input size (default: the config's, 64 for tiny-synth); scenes are "
+        "resized to it as clip_surgery's preprocess does, a finer token grid at the same patch "
+        "size",
+    )
+    parser.add_argument(
+        "--small-variants",
+        type=int,
+        default=0,
+        help="of each scene's --group variants, this many keep the large shape and change only "
+        "the small shapes' categories",
+    )
+    parser.add_argument(
+        "--patch-dropout",
+        type=float,
+        default=0.0,
+        help="share of patch tokens each training image drops (FLIP; open_clip's PatchDropout); "
+        "no effect at evaluation, not part of the written config",
+    )
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint.pt or .safetensors")
     parser.add_argument(
         "--new-schedule",
@@ -401,6 +452,8 @@ def main() -> None:
     name = Path(args.config).stem  # tiny-synth, or the config file's name
     (args.out / f"{name}.json").write_text(json.dumps(config, indent=4) + "\n")
     model = build_model(config, args.seed, args.positions, args.stem, args.stem_mixing).to(device)
+    if args.patch_dropout:
+        drop_patches(model, args.patch_dropout, parser.error)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
     bias = (
         torch.nn.Parameter(torch.tensor(-10.0, device=device)) if args.loss == "sigmoid" else None
@@ -431,7 +484,15 @@ def main() -> None:
     if args.stop_step is not None and not start < args.stop_step <= args.steps:
         parser.error(f"--stop-step must be in ({start}, {args.steps}]: after this run's start")
     data = torch.utils.data.DataLoader(
-        Batches(args.batch_size, args.group, model.context_length, args.captions, args.design),
+        Batches(
+            args.batch_size,
+            args.group,
+            model.context_length,
+            args.captions,
+            args.design,
+            args.small_variants,
+            config["vision_cfg"].get("image_size", synth.SIZE),
+        ),
         batch_size=None,
         sampler=range(start, args.steps),
         num_workers=args.workers,
@@ -515,6 +576,9 @@ def main() -> None:
         "stem": None if timm else args.stem,  # a timm tower: its own
         "stem_mixing": None if timm else args.stem_mixing,
         "pool": None if timm else args.pool,
+        "patch_dropout": args.patch_dropout,
+        "image_size": config["vision_cfg"].get("image_size"),
+        "small_variants": args.small_variants,
         "captions": args.captions,
         "design": args.design,
         "loss": args.loss,

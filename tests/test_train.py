@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -145,3 +146,127 @@ def test_batches_draw_the_chosen_scene_design():
             for variant in range(5)
         ]
         assert np.array_equal(images.numpy(), np.stack(expected))
+
+
+def test_small_shape_variants_keep_the_large_shape():
+    """``--small-variants 2``: each scene's group ends with variants 5 and 10, which keep the large
+    shape (category, colour, texture) and draw only the small shapes' categories afresh; identical
+    captions share an id (shared positives of the loss)."""
+    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    batches = trainer.Batches(10, 5, 77, small=2)
+    assert batches.variants == [0, 1, 2, 5, 10]
+    changed = 0
+    for step in range(4):
+        images, _, ids = batches[step]
+        for k in range(2):
+            seed = synth.scene_seed("train", step * 2 + k)
+            scenes = [synth.make_scene(seed, v) for v in (0, 1, 2, 5, 10)]
+            expected = np.stack([s.image for s in scenes])
+            assert np.array_equal(images[5 * k : 5 * k + 5].numpy(), expected)
+            first = scenes[0].objects
+            for scene in scenes[3:]:
+                large = scene.objects[0]
+                assert (large.shape, large.colour, large.size) == (
+                    first[0].shape,
+                    first[0].colour,
+                    first[0].size,
+                )
+                changed += [o.shape for o in scene.objects[1:]] != [o.shape for o in first[1:]]
+            captions = [s.caption for s in scenes]
+            same = ids[5 * k : 5 * k + 5, None] == ids[None, 5 * k : 5 * k + 5]
+            assert same.tolist() == [[a == b for b in captions] for a in captions]
+    assert changed  # some small shape did change
+    for small in (-1, 5):
+        with pytest.raises(ValueError, match="small-shape variants"):
+            trainer.Batches(10, 5, 77, small=small)
+
+
+def test_patch_dropout_drops_tokens_in_training_only():
+    """``--patch-dropout 0.5``: a training forward sees half of the 64 patch tokens (plus CLS);
+    in eval mode (what is written and evaluated) the tower is the one without dropout."""
+    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    config = json.loads((ROOT / "src/clip_surgery/data/models/tiny-synth.json").read_text())
+    model = trainer.build_model(config, seed=0).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model.encode_image(images)
+    seen = []
+    model.visual.ln_pre.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0].shape))
+
+    def refuse(message):
+        raise SystemExit(message)
+
+    trainer.drop_patches(model, 0.5, refuse)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), before)
+        model.train()
+        model.encode_image(images)
+    assert [shape[1] for shape in seen] == [65, 33]
+    for share in (0.0, 1.0):
+        with pytest.raises(SystemExit, match="patch-dropout"):
+            trainer.drop_patches(model, share, refuse)
+
+
+def test_a_larger_input_trains_on_scenes_resized_as_the_package_preprocesses():
+    """``--image-size 96``: the batch's scenes are resized exactly as ``clip_surgery``'s
+    preprocess resizes a scene for that model (what it is evaluated on)."""
+    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    from PIL import Image
+
+    from clip_surgery.images import preprocess
+
+    images, _, _ = trainer.Batches(10, 5, 77, image_size=96)[2]
+    assert tuple(images.shape) == (10, 96, 96, 3)
+    expected = torch.stack(
+        [
+            preprocess(Image.fromarray(synth.make_scene(synth.scene_seed("train", 4), v).image), 96)
+            for v in range(5)
+        ]
+    )
+    assert torch.allclose(trainer.to_tensor(images[:5]), expected, atol=1e-6)
+
+
+def test_a_larger_input_resumes_a_smaller_runs_weights(tmp_path):
+    """A 96 px run resumed from a 64 px run's weights: the 8 x 8 positional table is resized to
+    12 x 12 (a table constant over the grid stays so, the CLS row is kept), the other weights
+    are the saved ones, and the written model loads at its native 96 px."""
+    train(tmp_path / "small", "--steps", "1")
+    small = load_file(tmp_path / "small/tiny-synth.safetensors")
+    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    config = json.loads((tmp_path / "small/tiny-synth.json").read_text())
+    config["vision_cfg"]["image_size"] = 96
+    big = trainer.build_model(config, seed=0, stem="conv")
+    state = {k: v.float() for k, v in small.items()}
+    constant = torch.randn(1, state["visual.positional_embedding"].shape[1])
+    state["visual.positional_embedding"][1:] = constant
+    refined = trainer.refine_grid(state, big)
+    table = refined["visual.positional_embedding"]
+    assert table.shape[0] == 145 and torch.equal(table[0], state["visual.positional_embedding"][0])
+    assert torch.allclose(table[1:], constant.expand(144, -1), atol=1e-6)
+    assert all(torch.equal(refined[k], state[k]) for k in state if "positional" not in k)
+    train(
+        tmp_path / "big",
+        "--image-size",
+        "96",
+        "--resume",
+        str(tmp_path / "small/tiny-synth.safetensors"),
+    )
+    written = json.loads((tmp_path / "big/tiny-synth.json").read_text())
+    assert written["vision_cfg"]["image_size"] == 96
+    (tmp_path / "big/train-test-96.json").write_text(json.dumps(written))
+    import open_clip
+
+    open_clip.add_model_config(tmp_path / "big/train-test-96.json")
+    model = clip_surgery.load(
+        "train-test-96", pretrained=str(tmp_path / "big/tiny-synth.safetensors")
+    )
+    assert model.native_size == 96
+    assert model.encode(torch.rand(1, 3, 96, 96), "raw").grid == (12, 12)
