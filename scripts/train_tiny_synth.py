@@ -65,7 +65,7 @@ from clip_surgery.images import OPENAI_MEAN, OPENAI_STD
 GROUPS_PER_SPLIT = 10_000_000  # train seeds available (synth.SPLITS)
 
 
-TOWER_FLAGS = ("width", "layers", "patch_size", "head_width", "stem_mixing", "image_size")
+TOWER_FLAGS = ("width", "layers", "patch_size", "head_width", "stem_mixing")
 
 
 def is_timm_config(config: dict) -> bool:
@@ -83,6 +83,7 @@ def model_config(args, error) -> dict:
     if is_timm_config(config):  # tiny-synth-siglip: a timm MAP-head tower
         flags = [f"--{k.replace('_', '-')}" for k in TOWER_FLAGS if getattr(args, k)]
         flags += ["--stem conv"] * (args.stem != "patch") + ["--pool avg"] * (args.pool != "tok")
+        flags += ["--image-size"] * (args.image_size != synth.SIZE)
         given = ", ".join(flags)
         if given:
             error(f"{args.config} names a timm tower (its architecture is fixed): drop {given}")
@@ -95,8 +96,7 @@ def model_config(args, error) -> dict:
         value = getattr(args, key)
         if value is not None:
             vision[key] = value
-    if args.image_size is not None:
-        vision["image_size"] = args.image_size
+    vision["image_size"] = args.image_size  # explicit: the package's config is stage 2's 128 px
     vision["pool_type"] = args.pool  # explicit: the package's config pools by average
     return config
 
@@ -404,10 +404,10 @@ def main() -> None:
     parser.add_argument(
         "--image-size",
         type=int,
-        default=None,
-        help="the tower's input size (default: the config's, 64 for tiny-synth); scenes are "
-        "resized to it as clip_surgery's preprocess does, a finer token grid at the same patch "
-        "size",
+        default=synth.SIZE,
+        help="the tower's input size (default: the scenes' 64 px, whatever the config says); "
+        "scenes are resized to it as clip_surgery's preprocess does: a finer token grid at the "
+        "same patch size",
     )
     parser.add_argument(
         "--small-variants",

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_datasets import make_segmentation
 
 import clip_surgery
@@ -91,7 +92,8 @@ def test_tiny_synth_object_mask_beats_its_inverse(tiny_synth):
     for scene in chosen:
         column = list(synth.SHAPES).index(scene.main_shape)
         image = synth._to_input(tiny_synth, scene.image)
-        mask = torch.from_numpy(scene.labels > 0).float()
+        mask = torch.from_numpy(scene.labels > 0).float()[None, None]
+        mask = F.interpolate(mask, size=image.shape[-2:], mode="nearest")[0, 0]  # at input size
 
         def score(images, column=column):
             cosine = tiny_synth.score(images, text, "raw").cosine
