@@ -3,15 +3,17 @@
 A CLIP: image-text contrastive training only, on procedurally generated captioned scenes
 (``clip_surgery.synth``); no mask or class label enters the loss. The recipe:
 
-- the sizes of the package's ``tiny-synth.json`` (64 px input) unless overridden
-  (``--patch-size``, ``--width``, ``--layers``, ``--head-width``); the patch embedding and the
+- the sizes of the package's ``tiny-synth.json`` unless overridden (``--patch-size``,
+  ``--width``, ``--layers``, ``--head-width``), at a 64 px input (the scenes' size) unless
+  ``--image-size`` says otherwise (the shipped config says 128); the patch embedding and the
   pooling come from the command line, not from that file (the shipped model: ``--stem conv``,
   ``--pool tok`` then ``--pool avg``, see below); the patch embedding a
   patchify convolution or a convolutional stem (``--stem conv``, ``stem.ConvStem``, optionally
   with ``--stem-mixing`` residual convolutions); the image embedding the CLS token or the mean
-  of the patch tokens (``--pool``); a finer token grid for the end of training: resuming 8
-  px-patch weights into a ``--patch-size 4`` model converts them exactly (``refine_grid``: 16 x
-  16 tokens instead of 8 x 8);
+  of the patch tokens (``--pool``); a finer token grid for the end of training: a larger input
+  (``--image-size 128``: scenes resized as the package's preprocess does, 16 x 16 tokens of 8
+  px) or resuming 8 px-patch weights into a ``--patch-size 4`` model (converted exactly); either
+  way ``refine_grid`` resizes the positional table;
 - the positional table starts at MAE's 2-D sine-cosine embedding (``--positions``);
 - hard-negative batches: each batch holds groups of ``--group`` renderings of one scene that
   differ only in their shape categories (``synth.make_scene(seed, variant)``; with 5 the large
@@ -35,9 +37,10 @@ metrics JSON (zero-shot accuracy and the pointing game on validation scenes) and
 curve.
 
 The shipped tiny-synth: two stages, the commands in the README (section "tiny-synth"): a
-CLS-pooled stage with ``--stem conv --layers 3``, then ``--pool avg`` resumed from it with
-``--new-schedule``; copy ``tiny-synth.safetensors``, ``tiny-synth.json`` and the loss curve to
-``src/clip_surgery/data/models/`` and ``docs/``, then run ``scripts/measure_shipped.py``.
+CLS-pooled stage with ``--stem conv --layers 3`` at 64 px, then ``--pool avg --image-size 128``
+resumed from it with ``--new-schedule``; copy ``tiny-synth.safetensors``, ``tiny-synth.json``
+and the loss curve to ``src/clip_surgery/data/models/`` and ``docs/``, then run
+``scripts/measure_shipped.py``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,16 @@ def is_timm_config(config: dict) -> bool:
     return "timm_model_name" in config["vision_cfg"]
 
 
+def check_options(args, error) -> None:
+    """Refuse option values that would fail (or silently repeat variants) after the run starts."""
+    if not 0 <= args.small_variants < args.group or (args.small_variants and args.group > 5):
+        error("--small-variants must be in [0, --group) with --group <= 5 (variants 5, 10, ...)")
+    if not 0 <= args.patch_dropout < 1:
+        error("--patch-dropout takes a share in [0, 1)")
+    if args.image_size < 8:
+        error("--image-size must be at least 8")
+
+
 def model_config(args, error) -> dict:
     """The package's config ``--config`` (tiny-synth) with the command line's overrides; ``error``
     (``parser.error``) refuses tower flags for a timm tower, which would be silently ignored."""
@@ -97,6 +110,8 @@ def model_config(args, error) -> dict:
         if value is not None:
             vision[key] = value
     vision["image_size"] = args.image_size  # explicit: the package's config is stage 2's 128 px
+    if args.image_size % vision["patch_size"]:
+        error(f"--image-size {args.image_size} is not a multiple of the patch size")
     vision["pool_type"] = args.pool  # explicit: the package's config pools by average
     return config
 
@@ -177,8 +192,8 @@ class Batches(torch.utils.data.Dataset):
     ):
         if size % group:
             raise ValueError(f"batch size {size} is not a multiple of the group {group}")
-        if not 0 <= small < group:
-            raise ValueError(f"small-shape variants {small} must be in [0, group {group})")
+        if not 0 <= small < group or (small and group > 5):  # variants 0-4, then 5, 10, ...
+            raise ValueError(f"small-shape variants {small} must be in [0, group {group} <= 5)")
         self.size, self.group, self.context_length = size, group, context_length
         self.captions, self.design, self.image_size = captions, design, image_size
         self.variants = [*range(group - small), *(5 * k for k in range(1, small + 1))]
@@ -311,17 +326,25 @@ def refine_grid(state: dict, model) -> dict:
     rows = wanted["visual.positional_embedding"].shape[0]
     if table.shape[0] != rows:
         grid, new = math.isqrt(table.shape[0] - 1), math.isqrt(rows - 1)
+        if new < grid:  # a coarser grid would throw away what the weights learnt
+            raise ValueError(
+                f"these weights have a {grid} x {grid} token grid, the run {new} x {new}: pass "
+                "the --image-size (and --patch-size) they were trained with"
+            )
         patches = table[1:].T.reshape(1, -1, grid, grid)
         patches = F.interpolate(patches, size=(new, new), mode="bilinear", align_corners=False)
         state["visual.positional_embedding"] = torch.cat([table[:1], patches[0].flatten(1).T])
     return state
 
 
-def restore(path: Path, model, optimizer, bias) -> tuple[int, list[float], int, str | None]:
-    """Resume from ``checkpoint.pt`` (everything) or fp16 safetensors (weights; new optimizer;
-    a model with half the patch size gets converted weights, see ``refine_grid``). Returns the
-    step, the losses, the schedule's start and the scene design a ``checkpoint.pt`` was trained
-    on (runs before designs: outline; fp16 weights: ``None``, they may start any design)."""
+def restore(
+    path: Path, model, optimizer, bias, image_size: int
+) -> tuple[int, list[float], int, str | None]:
+    """Resume from ``checkpoint.pt`` (everything; trained at ``image_size`` or refused) or fp16
+    safetensors (weights; new optimizer; a model with half the patch size or a larger input gets
+    converted weights, see ``refine_grid``). Returns the step, the losses, the schedule's start
+    and the scene design a ``checkpoint.pt`` was trained on (runs before designs: outline; fp16
+    weights: ``None``, they may start any design). A mismatch raises ``ValueError``."""
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -333,6 +356,9 @@ def restore(path: Path, model, optimizer, bias) -> tuple[int, list[float], int, 
         step, losses = int(metadata.get("step", 0)), json.loads(metadata.get("losses", "[]"))
         return step, losses, int(metadata.get("schedule_start", 0)), None
     saved = torch.load(path, map_location="cpu", weights_only=False)
+    trained_at = saved.get("args", {}).get("image_size") or synth.SIZE  # before the flag: 64
+    if trained_at != image_size:  # a run continues at its own input size
+        raise ValueError(f"{path} was trained at {trained_at} px; add --image-size {trained_at}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     if bias is not None:
@@ -447,6 +473,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    check_options(args, parser.error)
     config = model_config(args, parser.error)
     args.out.mkdir(parents=True, exist_ok=True)
     name = Path(args.config).stem  # tiny-synth, or the config file's name
@@ -473,7 +500,11 @@ def main() -> None:
     )
     start, losses, schedule_start = 0, [], 0
     if args.resume is not None:
-        start, losses, schedule_start, trained_on = restore(args.resume, model, optimizer, bias)
+        try:
+            resumed = restore(args.resume, model, optimizer, bias, args.image_size)
+        except ValueError as error:
+            parser.error(str(error))
+        start, losses, schedule_start, trained_on = resumed
         if trained_on not in (None, args.design):  # a run continues on its own scenes
             parser.error(
                 f"{args.resume} was trained on the {trained_on} design; add --design {trained_on}"

@@ -168,19 +168,34 @@ def test_small_shape_variants_keep_the_large_shape():
             first = scenes[0].objects
             for scene in scenes[3:]:
                 large = scene.objects[0]
-                assert (large.shape, large.colour, large.size) == (
-                    first[0].shape,
-                    first[0].colour,
-                    first[0].size,
-                )
+                assert (large.shape, large.colour) == (first[0].shape, first[0].colour)
                 changed += [o.shape for o in scene.objects[1:]] != [o.shape for o in first[1:]]
             captions = [s.caption for s in scenes]
             same = ids[5 * k : 5 * k + 5, None] == ids[None, 5 * k : 5 * k + 5]
             assert same.tolist() == [[a == b for b in captions] for a in captions]
     assert changed  # some small shape did change
-    for small in (-1, 5):
+    for group, small in ((5, -1), (5, 5), (6, 1)):  # group 6 would repeat variant 5
         with pytest.raises(ValueError, match="small-shape variants"):
-            trainer.Batches(10, 5, 77, small=small)
+            trainer.Batches(12 if group == 6 else 10, group, 77, small=small)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--small-variants", "5"],
+        ["--patch-dropout", "1"],
+        ["--image-size", "100"],
+        ["--config", "tiny-synth-siglip", "--image-size", "96"],
+    ],
+)
+def test_bad_training_options_are_refused_before_anything_is_written(tmp_path, flags):
+    """Out-of-range variants or dropout, an input size the patches do not tile, a size flag for
+    a timm tower: exit 2, no output folder."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "scripts/train_tiny_synth.py"), "--out", str(out)]
+    done = subprocess.run([*command, *flags], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "error:" in done.stderr, done.stderr[-500:]
+    assert not out.exists()
 
 
 def test_patch_dropout_drops_tokens_in_training_only():
@@ -235,8 +250,9 @@ def test_a_larger_input_trains_on_scenes_resized_as_the_package_preprocesses():
 
 def test_a_larger_input_resumes_a_smaller_runs_weights(tmp_path):
     """A 96 px run resumed from a 64 px run's weights: the 8 x 8 positional table is resized to
-    12 x 12 (a table constant over the grid stays so, the CLS row is kept), the other weights
-    are the saved ones, and the written model loads at its native 96 px."""
+    12 x 12 (a table that is a ramp along the columns stays one along the columns, the CLS row
+    is kept), the other weights are the saved ones, the written model loads at its native 96 px
+    and records its size. Resuming its weights (or its checkpoint) at 64 px is refused."""
     train(tmp_path / "small", "--steps", "1")
     small = load_file(tmp_path / "small/tiny-synth.safetensors")
     spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
@@ -246,12 +262,15 @@ def test_a_larger_input_resumes_a_smaller_runs_weights(tmp_path):
     config["vision_cfg"]["image_size"] = 96
     big = trainer.build_model(config, seed=0, stem="conv")
     state = {k: v.float() for k, v in small.items()}
-    constant = torch.randn(1, state["visual.positional_embedding"].shape[1])
-    state["visual.positional_embedding"][1:] = constant
+    width = state["visual.positional_embedding"].shape[1]
+    columns = torch.arange(8.0).repeat(8)  # row-major 8 x 8 grid: the token's column
+    state["visual.positional_embedding"][1:] = columns[:, None] * torch.ones(width)
     refined = trainer.refine_grid(state, big)
     table = refined["visual.positional_embedding"]
     assert table.shape[0] == 145 and torch.equal(table[0], state["visual.positional_embedding"][0])
-    assert torch.allclose(table[1:], constant.expand(144, -1), atol=1e-6)
+    grid = table[1:, 0].reshape(12, 12)
+    assert torch.allclose(grid, grid[:1].expand(12, -1))  # constant down each column
+    assert (grid[0, 1:] >= grid[0, :-1]).all() and grid[0, -1] - grid[0, 0] > 6  # rising along
     assert all(torch.equal(refined[k], state[k]) for k in state if "positional" not in k)
     train(
         tmp_path / "big",
@@ -262,6 +281,27 @@ def test_a_larger_input_resumes_a_smaller_runs_weights(tmp_path):
     )
     written = json.loads((tmp_path / "big/tiny-synth.json").read_text())
     assert written["vision_cfg"]["image_size"] == 96
+    recorded = json.loads((tmp_path / "big/tiny-synth.metrics.json").read_text())
+    assert (recorded["image_size"], recorded["small_variants"], recorded["patch_dropout"]) == (
+        96,
+        0,
+        0,
+    )
+    command = [sys.executable, str(ROOT / "scripts/train_tiny_synth.py"), "--out"]
+    for resumed, wanted in (("tiny-synth.safetensors", "--image-size"), ("checkpoint.pt", "96")):
+        refused = subprocess.run(
+            [
+                *command,
+                str(tmp_path / "again"),
+                *SMALL,
+                "--resume",
+                str(tmp_path / "big" / resumed),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert refused.returncode == 2 and wanted in refused.stderr, refused.stderr[-500:]
     (tmp_path / "big/train-test-96.json").write_text(json.dumps(written))
     import open_clip
 
