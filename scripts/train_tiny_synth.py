@@ -63,7 +63,7 @@ from safetensors.torch import save_file
 
 import clip_surgery
 from clip_surgery import synth
-from clip_surgery.images import OPENAI_MEAN, OPENAI_STD
+from clip_surgery.images import OPENAI_MEAN, OPENAI_STD, resize_whole
 
 GROUPS_PER_SPLIT = 10_000_000  # train seeds available (synth.SPLITS)
 
@@ -76,10 +76,20 @@ def is_timm_config(config: dict) -> bool:
     return "timm_model_name" in config["vision_cfg"]
 
 
+def group_variants(group: int, small: int) -> list[int]:
+    """The variants of each scene in a batch: 0..group-small-1, then ``small`` of 5, 10, ...
+    (they keep the large shape); ``ValueError`` where that would repeat or lack a variant."""
+    if not 0 <= small < group or (small and group > 5):
+        raise ValueError(f"small-shape variants {small} must be in [0, group {group} <= 5)")
+    return [*range(group - small), *(5 * k for k in range(1, small + 1))]
+
+
 def check_options(args, error) -> None:
     """Refuse option values that would fail (or silently repeat variants) after the run starts."""
-    if not 0 <= args.small_variants < args.group or (args.small_variants and args.group > 5):
-        error("--small-variants must be in [0, --group) with --group <= 5 (variants 5, 10, ...)")
+    try:
+        group_variants(args.group, args.small_variants)
+    except ValueError as problem:
+        error(f"--small-variants: {problem}")
     if not 0 <= args.patch_dropout < 1:
         error("--patch-dropout takes a share in [0, 1)")
     if args.image_size < 8:
@@ -192,11 +202,9 @@ class Batches(torch.utils.data.Dataset):
     ):
         if size % group:
             raise ValueError(f"batch size {size} is not a multiple of the group {group}")
-        if not 0 <= small < group or (small and group > 5):  # variants 0-4, then 5, 10, ...
-            raise ValueError(f"small-shape variants {small} must be in [0, group {group} <= 5)")
+        self.variants = group_variants(group, small)
         self.size, self.group, self.context_length = size, group, context_length
         self.captions, self.design, self.image_size = captions, design, image_size
-        self.variants = [*range(group - small), *(5 * k for k in range(1, small + 1))]
         self.tokenizer = None
 
     def __len__(self) -> int:
@@ -223,8 +231,7 @@ class Batches(torch.utils.data.Dataset):
         """``image`` at the model's input size, resized as ``clip_surgery``'s preprocess does."""
         if self.image_size == synth.SIZE:
             return image
-        size = (self.image_size, self.image_size)
-        return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+        return np.asarray(resize_whole(Image.fromarray(image), self.image_size))
 
 
 def contrastive_loss(image, text, scale, same, kind: str, bias=None) -> torch.Tensor:
@@ -522,7 +529,7 @@ def main() -> None:
             args.captions,
             args.design,
             args.small_variants,
-            config["vision_cfg"].get("image_size", synth.SIZE),
+            args.image_size,  # a timm tower refuses any but the scenes' size
         ),
         batch_size=None,
         sampler=range(start, args.steps),

@@ -24,6 +24,14 @@ SMALL = [
 ]  # fmt: skip
 
 
+def load_trainer():
+    """``scripts/train_tiny_synth.py`` as a module."""
+    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    return trainer
+
+
 def train(out: Path, *extra: str) -> str:
     """Run the script; its standard output and error."""
     command = [sys.executable, str(ROOT / "scripts/train_tiny_synth.py"), "--out", str(out)]
@@ -135,9 +143,7 @@ def test_the_token_probe_groups_tokens_by_object_not_by_category():
 
 def test_batches_draw_the_chosen_scene_design():
     """``--design``: a training batch holds the scenes (and their variants) of that design."""
-    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
+    trainer = load_trainer()
     for design in synth.DESIGNS:
         images, _, _ = trainer.Batches(10, 5, 77, design=design)[3]
         expected = [
@@ -152,9 +158,7 @@ def test_small_shape_variants_keep_the_large_shape():
     """``--small-variants 2``: each scene's group ends with variants 5 and 10, which keep the large
     shape (category, colour, texture) and draw only the small shapes' categories afresh; identical
     captions share an id (shared positives of the loss)."""
-    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
+    trainer = load_trainer()
     batches = trainer.Batches(10, 5, 77, small=2)
     assert batches.variants == [0, 1, 2, 5, 10]
     changed = 0
@@ -201,9 +205,7 @@ def test_bad_training_options_are_refused_before_anything_is_written(tmp_path, f
 def test_patch_dropout_drops_tokens_in_training_only():
     """``--patch-dropout 0.5``: a training forward sees half of the 64 patch tokens (plus CLS);
     in eval mode (what is written and evaluated) the tower is the one without dropout."""
-    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
+    trainer = load_trainer()
     config = json.loads((ROOT / "src/clip_surgery/data/models/tiny-synth.json").read_text())
     config["vision_cfg"]["image_size"] = 64  # stage 1's input (the package's config: 128)
     model = trainer.build_model(config, seed=0).eval()
@@ -230,9 +232,7 @@ def test_patch_dropout_drops_tokens_in_training_only():
 def test_a_larger_input_trains_on_scenes_resized_as_the_package_preprocesses():
     """``--image-size 96``: the batch's scenes are resized exactly as ``clip_surgery``'s
     preprocess resizes a scene for that model (what it is evaluated on)."""
-    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
+    trainer = load_trainer()
     from PIL import Image
 
     from clip_surgery.images import preprocess
@@ -255,9 +255,7 @@ def test_a_larger_input_resumes_a_smaller_runs_weights(tmp_path):
     and records its size. Resuming its weights (or its checkpoint) at 64 px is refused."""
     train(tmp_path / "small", "--steps", "1")
     small = load_file(tmp_path / "small/tiny-synth.safetensors")
-    spec = importlib.util.spec_from_file_location("trainer", ROOT / "scripts/train_tiny_synth.py")
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
+    trainer = load_trainer()
     config = json.loads((tmp_path / "small/tiny-synth.json").read_text())
     config["vision_cfg"]["image_size"] = 96
     big = trainer.build_model(config, seed=0, stem="conv")

@@ -113,6 +113,12 @@ def as_hw(size: Size, limit: int | None = MAX_INPUT_SIDE) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def resize_whole(image: Image.Image, size: Size) -> Image.Image:
+    """The whole image as RGB at ``size`` (bicubic, no crop): what every model input starts as."""
+    height, width = as_hw(size)
+    return to_rgb(image).resize((width, height), Image.BICUBIC)
+
+
 def preprocess(
     image: Image.Image,
     size: Size,
@@ -120,9 +126,8 @@ def preprocess(
     std: Sequence[float] = OPENAI_STD,
 ) -> torch.Tensor:
     """Resize the whole image (bicubic, no crop) and normalise: Tensor[3, H, W]."""
-    height, width = as_hw(size)
-    resized = to_rgb(image).resize((width, height), Image.BICUBIC)
-    array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    array = np.asarray(resize_whole(image, size), dtype=np.float32) / 255.0
+    array = torch.from_numpy(array).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (array - mean_t) / std_t
