@@ -28,30 +28,31 @@ SCALE = 4
 EXAMPLE_SCENES = (3, 7, 11, 20)
 
 
-def scene_image(index: int) -> tuple[synth.Scene, Image.Image]:
-    """A test scene and its picture upscaled for display (nearest neighbour)."""
+def scene_image(index: int) -> tuple[synth.Scene, Image.Image, Image.Image]:
+    """A test scene, its picture (what the model sees, as in the benchmark) and the picture
+    upscaled for display only (nearest neighbour)."""
     scene = synth.make_scene(synth.scene_seed("test", index))
-    picture = Image.fromarray(scene.image).resize((64 * SCALE, 64 * SCALE), Image.NEAREST)
-    return scene, picture
+    picture = Image.fromarray(scene.image)
+    return scene, picture, picture.resize((64 * SCALE, 64 * SCALE), Image.NEAREST)
 
 
 def points_figure(model) -> Path:
     """Point prompts from CLIP Surgery's map of each scene's main shape (what SAM receives)."""
     figure, axes = plt.subplots(1, 3, figsize=(9, 3.2))
     for axis, index in zip(axes, (7, 11, 20), strict=True):
-        scene, picture = scene_image(index)
+        scene, picture, shown = scene_image(index)
         maps = grid_maps(model, picture, [scene.main_shape], "clip_surgery", None)
-        points, labels = points_from_map(maps[0], (picture.height, picture.width))
+        points, labels = points_from_map(maps[0], (shown.height, shown.width))
         prompts = TextMask(
             scene.main_shape,
-            np.zeros((picture.height, picture.width), bool),
+            np.zeros((shown.height, shown.width), bool),
             0.0,
             points,
             labels,
             None,
             [],
         )
-        axis.imshow(mask_overlay(picture, prompts))
+        axis.imshow(mask_overlay(shown, prompts))
         axis.set_title(
             f'"{scene.main_shape}": {int(labels.sum())} + / {int((labels == 0).sum())} - points',
             fontsize=9,
@@ -63,7 +64,7 @@ def points_figure(model) -> Path:
 
 def classify_figure(model) -> Path:
     """Class scores of one scene, plain CLIP and with surgery."""
-    scene, picture = scene_image(7)
+    scene, picture, shown = scene_image(7)
     labels = list(synth.SHAPES)
     plain = class_scores(model, picture, labels, surgery=False)[0].numpy()
     surgery = class_scores(model, picture, labels, surgery=True)[0].numpy()
@@ -71,7 +72,7 @@ def classify_figure(model) -> Path:
     figure, (left, right) = plt.subplots(
         1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [1, 1.6]}
     )
-    left.imshow(picture)
+    left.imshow(shown)
     left.axis("off")
     left.set_title("present: " + ", ".join(sorted(present)), fontsize=9)
     positions = np.arange(len(labels))
@@ -86,9 +87,9 @@ def classify_figure(model) -> Path:
 
 def words_figure(model) -> Path:
     """Word importances and per-word maps for a short caption of scene 7."""
-    _, picture = scene_image(7)
+    _, picture, shown = scene_image(7)
     result = explain_words(model, picture, "a small blue ring and a large red cross")
-    return save_png(word_figure(picture, result), HERE / "tiny_synth_words.png")
+    return save_png(word_figure(shown, result), HERE / "tiny_synth_words.png")
 
 
 def example_scenes() -> list[Path]:

@@ -1,4 +1,4 @@
-"""Test-split figures of a tiny-synth candidate (an open_clip config JSON and its weights).
+"""Test- or validation-split figures of a tiny-synth candidate (an open_clip config JSON, weights).
 
 Zero-shot accuracy on 1000 test scenes and the pointing game on test scenes 0-199 of raw,
 clip_surgery and clearclip (``synth.pointing_game``: all shapes / shapes of >= 200 px, the share
@@ -7,7 +7,9 @@ their explainability mIoU, mSC and segmentation mIoU (preset sclip) as the synth
 measures them on the same 200 scenes: for weights that are not (yet) in the package (the
 bundled model's pinned figures come from ``scripts/measure_shipped.py``). Run (the weights:
 the config's name with ``.safetensors``): ``.venv/bin/python scripts/evaluate_candidate.py
-scripts/checkpoints/tiny-synth-stem4-mix2-step3500.json``.
+scripts/checkpoints/tiny-synth-stem4-mix2-step3500.json``. ``--split val --count 400``: the same
+figures on validation scenes 0-399 (zero-shot on the first 1000), to choose between candidates
+without looking at the test split.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("config", type=Path, help="the run's config JSON (pooling included)")
     parser.add_argument("--weights", type=Path, default=None, help="default: CONFIG.safetensors")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--count", type=int, default=200, help="scenes of the pointing game")
     parser.add_argument(
         "--design",
         choices=synth.DESIGNS,
@@ -38,6 +42,8 @@ def main() -> None:
         help="scenes; default: the design CONFIG.metrics.json records (none recorded: outline)",
     )
     args = parser.parse_args()
+    if args.count < 1:
+        parser.error("--count must be at least 1")
     torch.set_num_threads(args.threads)
     weights = args.weights or args.config.with_suffix(".safetensors")
     design = args.design or synth.recorded_design(args.config)
@@ -46,11 +52,12 @@ def main() -> None:
     open_clip.add_model_config(args.config)  # registered under the file's stem
     model = clip_surgery.load(args.config.stem, pretrained=str(weights))
     model.cache_dir = None
-    figures = {"zero_shot_test_1000": synth.zero_shot_accuracy(model, "test", 1000, design)}
+    split, count = args.split, args.count
+    figures = {f"zero_shot_{split}_1000": synth.zero_shot_accuracy(model, split, 1000, design)}
     methods = ("raw", "clip_surgery", "clearclip")
-    figures.update(synth.pointing_figures(model, methods, design=design))
-    with tempfile.TemporaryDirectory() as folder:  # the benchmark's protocols, test scenes 0-199
-        synth.export_voc(folder, "test", 200, design)
+    figures.update(synth.pointing_figures(model, methods, split, count, design))
+    with tempfile.TemporaryDirectory() as folder:  # the benchmark's protocols, the same scenes
+        synth.export_voc(folder, split, count, design)
         for method in methods:
             explained = runner.evaluate_explainability(
                 model, "synthetic", folder, method, size=None, progress=False
@@ -63,7 +70,7 @@ def main() -> None:
                 msc=round(explained["msc"], 1),
                 segmentation_miou=round(segmented["miou"], 1),
             )
-    print(json.dumps({"design": design} | figures, indent=2))
+    print(json.dumps({"design": design, "split": split, "scenes": count} | figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ import hashlib
 import itertools
 import json
 import re
+import subprocess
+import sys
 from importlib.resources import files
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -350,6 +353,22 @@ def test_the_pointing_game_says_where_the_peaks_land(pick, largest, others):
         assert sum(peaks[group][p] for p in synth.PEAK_PLACES) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(
+    ("pick", "hit_all"),
+    [(lambda labels, c: labels == c, True), (lambda labels, c: labels == 0, False)],
+)
+def test_the_pointing_game_counts_hits_per_shape(pick, hit_all):
+    """Per category, the pairs of >= 200 px add up to the game's large pairs; maps that are each
+    shape's own mask hit every one of them, maps of the background none."""
+    game = synth.pointing_game(_LabelMapModel(pick), "stub", "test", 30, batch=10)
+    by_shape = game["large_by_shape"]
+    assert set(by_shape) == set(synth.SHAPES)
+    assert sum(row["pairs"] for row in by_shape.values()) == game["large_pairs"]
+    assert sum(row["pairs"] > 0 for row in by_shape.values()) >= 4
+    for row in by_shape.values():
+        assert row["hits"] == (row["pairs"] if hit_all else 0)
+
+
 def test_pointing_figures_are_the_games_figures_rounded():
     """Maps that are the largest shape's mask (non-round rates): every figure is the game's,
     rounded to 4 decimals, peak shares included."""
@@ -363,6 +382,41 @@ def test_pointing_figures_are_the_games_figures_rounded():
     for key in ("all", "large", "background_peak"):
         assert figures[key] == round(game[key], 4)
     assert figures["pairs"] == game["pairs"]
+    assert figures["large_by_shape"] == game["large_by_shape"]
     for group in ("largest", "others"):
         for place in synth.PEAK_PLACES:
             assert figures["peaks"][group][place] == round(game["peaks"][group][place], 4)
+
+
+def _evaluate_candidate(*options: str) -> subprocess.CompletedProcess:
+    script = Path(__file__).parents[1] / "scripts/evaluate_candidate.py"
+    return subprocess.run(
+        [sys.executable, str(script), *options], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_evaluate_candidate_reports_the_validation_games_figures(tmp_path):
+    """``--split val --count 4`` on a copy of the bundled model: its pointing figures are the
+    package's pointing game on validation scenes 0-3, per-shape hits included."""
+    models = files("clip_surgery").joinpath("data/models")
+    config = tmp_path / "candidate-copy.json"
+    config.write_text(models.joinpath("tiny-synth.json").read_text())
+    metrics = models.joinpath("tiny-synth.metrics.json").read_text()  # records the design
+    config.with_suffix(".metrics.json").write_text(metrics)
+    weights = str(models.joinpath("tiny-synth.safetensors"))
+    done = _evaluate_candidate(str(config), "--weights", weights, "--split", "val", "--count", "4")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert (printed["design"], printed["split"], printed["scenes"]) == ("material", "val", 4)
+    assert 0.9 <= printed["zero_shot_val_1000"] <= 1.0
+    game = synth.pointing_game(clip_surgery.load("tiny-synth"), "clip_surgery", "val", 4)
+    assert printed["clip_surgery"]["all"] == round(game["all"], 4)
+    assert printed["clip_surgery"]["large_by_shape"] == game["large_by_shape"]
+    assert 0 <= printed["clip_surgery"]["explainability_miou"] <= 100
+
+
+def test_evaluate_candidate_refuses_an_empty_count(tmp_path):
+    """``--count 0`` exits 2 with argparse's one error line, before loading anything."""
+    done = _evaluate_candidate(str(tmp_path / "missing.json"), "--count", "0")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("--count must be at least 1")

@@ -457,7 +457,7 @@ def pointing_game(
     background (``background_peak``), the pair counts, and where the peaks land (``peaks``): for
     the scene's largest shape category (the most visible pixels) and for the other categories
     present, the shares of peaks on the shape's own mask, on the background and on another
-    shape.
+    shape; and per category, the hits and pairs of at least ``min_pixels`` (``large_by_shape``).
     """
     import torch
     import torch.nn.functional as F
@@ -465,7 +465,7 @@ def pointing_game(
     from .eval.metrics import pointing_hits
     from .features import similarity_map
 
-    landing, largest, sizes, chance, oracle = [], [], [], [], []
+    landing, largest, sizes, chance, oracle, categories = [], [], [], [], [], []
     for begin in range(0, count, batch):
         chunk = scenes(split, min(batch, count - begin), begin, design)
         images = torch.stack([_to_input(model, s.image) for s in chunk])
@@ -480,6 +480,7 @@ def pointing_game(
             landing += _peak_places(heatmaps, labels, present)  # a hit: the peak on its own mask
             largest += [index == int(pixels.argmax()) for index in range(len(present))]
             sizes += pixels.tolist()
+            categories += [SHAPES[c - 1] for c in present]
             shares = F.adaptive_avg_pool2d(masks[None].float(), result.grid)[0]
             best = similarity_map(shares.flatten(1).T[None], (SIZE, SIZE), result.grid)[0]
             oracle += pointing_hits(best, masks).tolist()
@@ -496,9 +497,21 @@ def pointing_game(
         "oracle_large": float(np.array(oracle)[large].mean()),
         "background_peak": float(np.mean([place == "background" for place in landing])),
         "peaks": _peak_shares(landing, largest),
+        "large_by_shape": _hits_by_shape(hits_array[large], np.array(categories)[large]),
         "pairs": len(landing),
         "large_pairs": int(large.sum()),
         "min_pixels": min_pixels,
+    }
+
+
+def _hits_by_shape(hits: np.ndarray, categories: np.ndarray) -> dict[str, dict[str, int]]:
+    """Per shape category, its pairs' hit count and pair count."""
+    return {
+        shape: {
+            "hits": int(hits[categories == shape].sum()),
+            "pairs": int((categories == shape).sum()),
+        }
+        for shape in SHAPES
     }
 
 
@@ -511,8 +524,8 @@ def pointing_figures(
 ) -> dict[str, dict]:
     """Per method, the pointing game's figures as the measuring scripts record them.
 
-    ``all``, ``large`` and ``background_peak`` rounded to 4 decimals, ``pairs``, and ``peaks``
-    (its shares rounded the same way)."""
+    ``all``, ``large`` and ``background_peak`` rounded to 4 decimals, ``pairs``, ``peaks`` (its
+    shares rounded the same way) and ``large_by_shape``."""
     figures = {}
     for method in methods:
         game = pointing_game(model, method, split, count, design=design)
@@ -521,7 +534,9 @@ def pointing_figures(
             for group, shares in game["peaks"].items()
         }
         figures[method] = {k: round(game[k], 4) for k in ("all", "large", "background_peak")}
-        figures[method].update(pairs=game["pairs"], peaks=peaks)
+        figures[method].update(
+            pairs=game["pairs"], peaks=peaks, large_by_shape=game["large_by_shape"]
+        )
     return figures
 
 
