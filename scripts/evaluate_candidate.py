@@ -1,15 +1,15 @@
 """Test- or validation-split figures of a tiny-synth candidate (an open_clip config JSON, weights).
 
-Zero-shot accuracy on 1000 test scenes and the pointing game on test scenes 0-199 of raw,
-clip_surgery and clearclip (``synth.pointing_game``: all shapes / shapes of >= 200 px, the share
-of peaks on the background, and where the peaks land for the largest shape and the others), and
-their explainability mIoU, mSC and segmentation mIoU (preset sclip) as the synthetic benchmark
-measures them on the same 200 scenes: for weights that are not (yet) in the package (the
-bundled model's pinned figures come from ``scripts/measure_shipped.py``). Run (the weights:
-the config's name with ``.safetensors``): ``.venv/bin/python scripts/evaluate_candidate.py
-scripts/checkpoints/tiny-synth-stem4-mix2-step3500.json``. ``--split val --count 400``: the same
-figures on validation scenes 0-399 (zero-shot on the first 1000), to choose between candidates
-without looking at the test split.
+Zero-shot accuracy on 1000 scenes of ``--split`` (default test) and, on its scenes 0 to
+``--count`` - 1 (default 200), the pointing game of raw, clip_surgery and clearclip
+(``synth.pointing_game``: all shapes / shapes of >= 200 px, the share of peaks on the
+background, where the peaks land for the largest shape and the others, hits per category),
+and their explainability mIoU, mSC and segmentation mIoU (preset sclip) as the synthetic
+benchmark measures them: for weights that are not (yet) in the package (the bundled model's
+pinned figures come from ``scripts/measure_shipped.py``). Choose between candidates with
+``--split val --count 400`` and look at the test split once. Run (the weights: the config's
+name with ``.safetensors``): ``.venv/bin/python scripts/evaluate_candidate.py
+scripts/checkpoints/tiny-synth-stem4-mix2-step3500.json``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,15 @@ def main() -> None:
     parser.add_argument("config", type=Path, help="the run's config JSON (pooling included)")
     parser.add_argument("--weights", type=Path, default=None, help="default: CONFIG.safetensors")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument("--count", type=int, default=200, help="scenes of the pointing game")
+    parser.add_argument(
+        "--split", choices=("test", "val"), default="test", help="the scenes of every figure"
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=200,
+        help="scenes of the pointing game, explainability and segmentation (zero-shot: 1000)",
+    )
     parser.add_argument(
         "--design",
         choices=synth.DESIGNS,

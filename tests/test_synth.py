@@ -353,20 +353,27 @@ def test_the_pointing_game_says_where_the_peaks_land(pick, largest, others):
         assert sum(peaks[group][p] for p in synth.PEAK_PLACES) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(
-    ("pick", "hit_all"),
-    [(lambda labels, c: labels == c, True), (lambda labels, c: labels == 0, False)],
-)
-def test_the_pointing_game_counts_hits_per_shape(pick, hit_all):
-    """Per category, the pairs of >= 200 px add up to the game's large pairs; maps that are each
-    shape's own mask hit every one of them, maps of the background none."""
+@pytest.mark.parametrize("hit", [*synth.SHAPES, "none"])
+def test_the_pointing_game_counts_hits_per_shape(hit):
+    """Maps that are the own mask for one category (``hit``) and the background for the others:
+    that category hits all its pairs of >= 200 px, the others none, and every category's pairs
+    are the scenes' own count of >= 200 px masks."""
+    hit_label = synth.SHAPES.index(hit) + 1 if hit in synth.SHAPES else -1
+
+    def pick(labels, c):
+        return labels == (c if c == hit_label else 0)
+
     game = synth.pointing_game(_LabelMapModel(pick), "stub", "test", 30, batch=10)
+    counts = np.zeros(len(synth.CLASSES), int)
+    for scene in synth.scenes("test", 30):
+        counts += np.bincount(scene.labels.flatten(), minlength=len(synth.CLASSES)) >= 200
     by_shape = game["large_by_shape"]
-    assert set(by_shape) == set(synth.SHAPES)
+    assert list(by_shape) == list(synth.SHAPES)
+    assert [row["pairs"] for row in by_shape.values()] == counts[1:].tolist()
     assert sum(row["pairs"] for row in by_shape.values()) == game["large_pairs"]
-    assert sum(row["pairs"] > 0 for row in by_shape.values()) >= 4
-    for row in by_shape.values():
-        assert row["hits"] == (row["pairs"] if hit_all else 0)
+    assert min(counts[1:]) > 0
+    for shape, row in by_shape.items():
+        assert row["hits"] == (row["pairs"] if shape == hit else 0), shape
 
 
 def test_pointing_figures_are_the_games_figures_rounded():
@@ -409,7 +416,8 @@ def test_evaluate_candidate_reports_the_validation_games_figures(tmp_path):
     printed = json.loads(done.stdout)
     assert (printed["design"], printed["split"], printed["scenes"]) == ("material", "val", 4)
     assert 0.9 <= printed["zero_shot_val_1000"] <= 1.0
-    game = synth.pointing_game(clip_surgery.load("tiny-synth"), "clip_surgery", "val", 4)
+    model = clip_surgery.load("tiny-synth")
+    game = synth.pointing_game(model, "clip_surgery", "val", 4, design="material")
     assert printed["clip_surgery"]["all"] == round(game["all"], 4)
     assert printed["clip_surgery"]["large_by_shape"] == game["large_by_shape"]
     assert 0 <= printed["clip_surgery"]["explainability_miou"] <= 100
@@ -420,3 +428,43 @@ def test_evaluate_candidate_refuses_an_empty_count(tmp_path):
     done = _evaluate_candidate(str(tmp_path / "missing.json"), "--count", "0")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].endswith("--count must be at least 1")
+
+
+def test_evaluate_candidate_passes_the_split_to_every_figure(tmp_path, monkeypatch, capsys):
+    """Zero-shot (1000 scenes), the pointing game and the exported scenes of explainability and
+    segmentation all come from ``--split``; ``--count`` sets all but zero-shot."""
+    import importlib.util
+
+    from clip_surgery.eval import runner
+
+    script = Path(__file__).parents[1] / "scripts/evaluate_candidate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_candidate", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = {}
+
+    def record(name, result):
+        def called(*args, **kwargs):
+            calls[name] = args
+            return result
+
+        return called
+
+    monkeypatch.setattr(module.open_clip, "add_model_config", lambda path: None)
+    monkeypatch.setattr(module.clip_surgery, "load", lambda *a, **k: SimpleNamespace())
+    monkeypatch.setattr(synth, "zero_shot_accuracy", record("zero_shot", 0.5))
+    figures = {m: {} for m in ("raw", "clip_surgery", "clearclip")}
+    monkeypatch.setattr(synth, "pointing_figures", record("pointing", figures))
+    monkeypatch.setattr(synth, "export_voc", record("export", []))
+    scores = {"miou": 1.0, "msc": 2.0}
+    monkeypatch.setattr(runner, "evaluate_explainability", record("explain", scores))
+    monkeypatch.setattr(runner, "evaluate_segmentation", record("segment", scores))
+    config = tmp_path / "candidate.json"
+    options = [str(config), "--design", "material", "--split", "val", "--count", "7"]
+    monkeypatch.setattr(sys, "argv", ["evaluate_candidate.py", *options])
+    module.main()
+    assert calls["zero_shot"][1:] == ("val", 1000, "material")
+    assert calls["pointing"][2:] == ("val", 7, "material")
+    assert calls["export"][1:] == ("val", 7, "material")
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["split"], printed["scenes"], printed["zero_shot_val_1000"]) == ("val", 7, 0.5)
