@@ -5,13 +5,13 @@ A CLIP: image-text contrastive training only, on procedurally generated captione
 
 - the sizes of the package's ``tiny-synth.json`` unless overridden (``--patch-size``,
   ``--width``, ``--layers``, ``--head-width``), at a 64 px input (the scenes' size) unless
-  ``--image-size`` says otherwise (the shipped config says 128); the patch embedding and the
+  ``--image-size`` says otherwise (the shipped config says 160); the patch embedding and the
   pooling come from the command line, not from that file (the shipped model: ``--stem conv``,
   ``--pool tok`` then ``--pool avg``, see below); the patch embedding a
   patchify convolution or a convolutional stem (``--stem conv``, ``stem.ConvStem``, optionally
   with ``--stem-mixing`` residual convolutions); the image embedding the CLS token or the mean
   of the patch tokens (``--pool``); a finer token grid for the end of training: a larger input
-  (``--image-size 128``: scenes resized as the package's preprocess does, 16 x 16 tokens of 8
+  (``--image-size 160``: scenes resized as the package's preprocess does, 20 x 20 tokens of 8
   px) or resuming 8 px-patch weights into a ``--patch-size 4`` model (converted exactly); either
   way ``refine_grid`` resizes the positional table;
 - the positional table starts at MAE's 2-D sine-cosine embedding (``--positions``);
@@ -36,11 +36,11 @@ optimizer), on the schedule of ``--steps``.
 metrics JSON (zero-shot accuracy and the pointing game on validation scenes) and the loss
 curve.
 
-The shipped tiny-synth: two stages, the commands in the README (section "tiny-synth"): a
+The shipped tiny-synth: three stages, the commands in the README (section "tiny-synth"): a
 CLS-pooled stage with ``--stem conv --layers 3`` at 64 px, then ``--pool avg --image-size 128``
-resumed from it with ``--new-schedule``; copy ``tiny-synth.safetensors``, ``tiny-synth.json``
-and the loss curve to ``src/clip_surgery/data/models/`` and ``docs/``, then run
-``scripts/measure_shipped.py``.
+resumed from it with ``--new-schedule``, then ``--image-size 160`` resumed from that (stopped at
+step 5000); copy ``tiny-synth.safetensors``, ``tiny-synth.json`` and the loss curve to
+``src/clip_surgery/data/models/`` and ``docs/``, then run ``scripts/measure_shipped.py``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def model_config(args, error) -> dict:
         value = getattr(args, key)
         if value is not None:
             vision[key] = value
-    vision["image_size"] = args.image_size  # explicit: the package's config is stage 2's 128 px
+    vision["image_size"] = args.image_size  # explicit: the package's config is stage 3's 160 px
     if args.image_size % vision["patch_size"]:
         error(f"--image-size {args.image_size} is not a multiple of the patch size")
     vision["pool_type"] = args.pool  # explicit: the package's config pools by average

@@ -249,7 +249,7 @@ def _stated(name: str = "tiny-synth") -> dict:
 def test_bundled_model_loads_offline_and_reaches_its_stated_accuracy(name):
     stated = _stated(name)
     model = clip_surgery.load(name)
-    assert model.native_size == (128 if name == "tiny-synth" else 64) and model.is_vit
+    assert model.native_size == (160 if name == "tiny-synth" else 64) and model.is_vit
     weights = files("clip_surgery").joinpath(f"data/models/{name}.safetensors")
     assert weights.stat().st_size <= 16 * 2**20
     accuracy = synth.zero_shot_accuracy(model, "test", stated["eval_count"], stated["design"])
@@ -283,13 +283,13 @@ def test_bundled_model_explains_a_scene():
     scene = synth.make_scene(synth.scene_seed("test", 0))
     image = model.preprocess(__import__("PIL.Image").Image.fromarray(scene.image))
     result = model.explain(image, list(synth.SHAPES))
-    assert result.maps.shape == (1, 5, 128, 128) and result.grid == (16, 16)  # the input's size
+    assert result.maps.shape == (1, 5, 160, 160) and result.grid == (20, 20)  # the input's size
     assert torch.isfinite(result.maps).all()
     assert result.maps_at((64, 64)).shape == (1, 5, 64, 64)  # the scene's
 
 
 def test_the_pointing_game_reports_a_token_grid_oracle():
-    """An oracle map on the model's 16 x 16 grid (each token's share of the shape) points at
+    """An oracle map on the model's 20 x 20 grid (each token's share of the shape) points at
     nearly every shape: the grid is not what limits a method's pointing."""
     game = synth.pointing_game(clip_surgery.load("tiny-synth"), "raw", "test", 100)
     assert 0.9 <= game["oracle"] <= 1 and game["oracle_large"] >= game["oracle"]

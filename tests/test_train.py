@@ -207,7 +207,7 @@ def test_patch_dropout_drops_tokens_in_training_only():
     in eval mode (what is written and evaluated) the tower is the one without dropout."""
     trainer = load_trainer()
     config = json.loads((ROOT / "src/clip_surgery/data/models/tiny-synth.json").read_text())
-    config["vision_cfg"]["image_size"] = 64  # stage 1's input (the package's config: 128)
+    config["vision_cfg"]["image_size"] = 64  # stage 1's input (the package's config: 160)
     model = trainer.build_model(config, seed=0).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

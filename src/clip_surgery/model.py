@@ -175,7 +175,7 @@ class SurgeryModel:
 
     @property
     def native_size(self) -> int | tuple[int, int]:
-        """The input size the model was trained at (224 for CLIP ViT-B/16, 128 for tiny-synth)."""
+        """The input size the model was trained at (224 for CLIP ViT-B/16, 160 for tiny-synth)."""
         height, width = self.backbone.vision.native_size
         return height if height == width else (height, width)
 

@@ -182,14 +182,22 @@ class GradientMethod(Method):
         return F.normalize(trace.pooled.float(), dim=-1) @ text.T
 
     @staticmethod
-    def per_text(score: Tensor, inputs, compute: Callable[..., Tensor]) -> Tensor:
-        """``compute(gradients)`` for each text column of ``score`` ``[B, T]``: ``[B, N, T]``."""
+    def per_text(
+        score: Tensor, inputs, compute: Callable[..., Tensor], scale: float = 1.0
+    ) -> Tensor:
+        """``compute(gradients)`` for each text column of ``score`` ``[B, T]``: ``[B, N, T]``.
+
+        ``scale`` (a power of two) multiplies the score before the backward pass and divides
+        the fp32 gradients after it, as a loss scaler does: exact in fp32, and under fp16
+        autocast it keeps small gradients from flushing to zero."""
         columns = score.shape[1]
         results = []
         for index in range(columns):
             gradients = torch.autograd.grad(
-                score[:, index].sum(), inputs, retain_graph=index < columns - 1
+                score[:, index].sum() * scale, inputs, retain_graph=index < columns - 1
             )
+            if scale != 1:  # unscaled in fp32; without a scale the gradients pass as they are
+                gradients = [gradient.float() / scale for gradient in gradients]
             results.append(compute(gradients))
         return torch.stack(results, dim=-1).detach().float()
 

@@ -25,6 +25,11 @@ class GradCamOptions:
     positions: PositionMode = "bilinear"
 
 
+GRADIENT_SCALE = 2.0**10
+"""Loss scale of the backward pass: a cosine's gradient spread over hundreds of tokens falls
+below fp16's smallest subnormal (2^-24) under CUDA autocast; 2^10 keeps it, exactly undone."""
+
+
 def cam(activations, gradients):
     """ReLU(sum_c mean_n(grad_c) A_c) per token: ``[B, N, C]`` -> ``[B, N]``."""
     weights = gradients.mean(dim=1, keepdim=True)
@@ -62,6 +67,9 @@ class GradCam(GradientMethod):
             activations = captured["activations"]
             patches = activations[:, tower.prefix :]
             maps = self.per_text(
-                cosine, [activations], lambda grads: cam(patches, grads[0][:, tower.prefix :])
+                cosine,
+                [activations],
+                lambda grads: cam(patches, grads[0][:, tower.prefix :]),
+                scale=GRADIENT_SCALE,
             )
         return Scores(maps, maps, cosine.detach(), trace.grid)
