@@ -91,3 +91,19 @@ def photo(size=(96, 64), seed: int = 0) -> Image.Image:
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max |e|."""
     return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def best_text_agreement(
+    maps: torch.Tensor, reference: torch.Tensor, margin: float = 0.01
+) -> tuple[float, float, float]:
+    """Maps ``[B, T, H, W]`` against reference maps: the share of clear pixels (the reference's
+    two best texts differ by >= ``margin``), the share of those where the best text is the
+    reference's, and that share over all pixels."""
+    agree = maps.argmax(dim=1) == reference.argmax(dim=1)
+    best_two = reference.topk(2, dim=1).values
+    clear = best_two[:, 0] - best_two[:, 1] >= margin
+    return (
+        float(clear.float().mean()),
+        float(agree[clear].float().mean()),
+        float(agree.float().mean()),
+    )
